@@ -1,0 +1,300 @@
+"""Guarded decoding: generate, and every `interval` tokens ask the probe whether the answer turned harmful.
+
+The check is fused into the next decode step: the row feeds [next token, soft_1..soft_k] in one forward.
+The causal mask keeps the token's logits independent of the soft tokens behind it, and the hidden state at
+soft_k is the probe's feature for the answer so far. If every checked row is safe, the k cache entries are
+cropped (the reminder vanishes); a flagged row keeps them and continues decoding in place from soft_k's
+logits, so a flag costs no extra prefill. Rows of a batch that keep no reminder see it masked out.
+
+`mode="official"` reproduces the official code instead: the flagged row stops (after that step's token),
+and is re-prefilled from prompt + decoded prefix + soft prompt; only that continuation is returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal
+
+import torch
+from transformers import DynamicCache
+
+from sr_ray.models.vlm import VLM, Embedded, Prompt
+
+
+@dataclass
+class GuardConfig:
+    interval: int = 16
+    threshold: float | None = None  # None: the probe's own threshold (0.2 official)
+    mode: Literal["inplace", "official"] = "inplace"
+    # "every": check answers of interval, 2*interval, ... tokens; "official": count % interval == interval-1
+    schedule: Literal["every", "official"] = "every"
+    check_at_end: bool = True  # also check at EOS / budget end (covers short answers and the tail)
+    reminder_max_new_tokens: int = 256  # budget after a flag (the official second pass gets 256)
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Check:
+    position: int  # answer tokens the check covered
+    p_safe: float
+    flagged: bool
+
+
+@dataclass
+class GuardedOutput:
+    text: str  # what the user gets: prefix + continuation (in place), continuation only (official)
+    prefix_text: str  # answer before the flag (the whole answer when not flagged)
+    continuation_text: str  # after the reminder ("" when not flagged)
+    prefix_ids: list[int]
+    continuation_ids: list[int]
+    checks: list[Check]
+    flagged_at: int | None  # answer tokens emitted when the flag fired
+    finish_reason: str  # "stop" | "length"
+    extra_prefill_tokens: int = 0  # tokens re-prefilled because of a flag (official mode only)
+
+    @property
+    def flagged(self) -> bool:
+        return self.flagged_at is not None
+
+    @property
+    def tokens_before_flag(self) -> int:
+        return len(self.prefix_ids)
+
+    def trace(self) -> dict:
+        return dict(
+            checks=[c.position for c in self.checks], p_safe=[round(c.p_safe, 4) for c in self.checks],
+            flagged_at=self.flagged_at, tokens_before_flag=self.tokens_before_flag,
+            finish_reason=self.finish_reason, extra_prefill_tokens=self.extra_prefill_tokens,
+        )
+
+
+@dataclass
+class StepEvent:
+    """What happened to one row in one decode step (for streaming with hold-back)."""
+
+    row: int
+    tokens: list[int]  # appended to the visible answer in this step
+    check: Check | None = None  # covers the answer up to and including `tokens`
+    output: GuardedOutput | None = None  # set when the row is finished
+
+
+@dataclass
+class _Row:
+    sampling: SamplingConfig
+    guard: GuardConfig | None
+    generator: torch.Generator | None
+    budget: int
+    answer: list[int] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    flagged_at: int | None = None
+    last_checked: int = 0
+    end_pending: str = ""  # finish reason waiting on the end check
+    done: bool = False
+    finish_reason: str = ""
+    emitted: bool = False  # its final output event was sent
+
+    def scheduled(self) -> bool:
+        n, g = len(self.answer), self.guard
+        if n == 0:
+            return False
+        return n % g.interval == (g.interval - 1 if g.schedule == "official" else 0)
+
+
+def _per_row(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+class GuardedGenerator:
+    def __init__(self, vlm: VLM, soft_prompt=None, probe=None, config: GuardConfig | None = None):
+        self.vlm, self.soft_prompt, self.probe = vlm, soft_prompt, probe
+        self.config = config or GuardConfig()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> list[GuardedOutput]:
+        outputs: list[GuardedOutput | None] = [None] * len(prompts)
+        for events in self.stream(prompts, sampling, guard):
+            for ev in events:
+                if ev.output is not None:
+                    outputs[ev.row] = ev.output
+        return outputs
+
+    @torch.no_grad()
+    def stream(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> Iterator[list[StepEvent]]:
+        """Yield the per-step events of a batch. `sampling`/`guard` may be per-row lists; guard=False is plain decoding."""
+        n = len(prompts)
+        guards = [self.config if g is True else (g or None) for g in _per_row(guard, n)]
+        if any(guards) and (self.soft_prompt is None or self.probe is None):
+            raise ValueError("guarded decoding needs a soft prompt and a probe")
+        rows = [self._row(s, g) for s, g in zip(_per_row(sampling or SamplingConfig(), n), guards)]
+        embedded = self.vlm.embed(self.vlm.encode(prompts))
+        yield from self._decode(embedded, rows)
+        second = [i for i, r in enumerate(rows) if r.flagged_at is not None and r.guard.mode == "official"]
+        if second:
+            yield from self._official_second_pass(prompts, rows, second)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _row(self, sampling: SamplingConfig, guard: GuardConfig | None, budget: int | None = None) -> _Row:
+        gen = None
+        if sampling.do_sample:
+            gen = torch.Generator(device=self.vlm.device)
+            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        return _Row(sampling, guard, gen, budget if budget is not None else sampling.max_new_tokens)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        tokens = logits.argmax(-1).tolist()
+        for b, row in enumerate(rows):
+            s = row.sampling
+            if row.done or not s.do_sample or s.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[b].float() / s.temperature, -1)
+            if s.top_p < 1.0:
+                sorted_p, idx = probs.sort(descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+                probs = probs.scatter(0, idx[drop], 0.0)
+            tokens[b] = int(torch.multinomial(probs, 1, generator=row.generator))
+        return tokens
+
+    def _output(self, row: _Row, prefix_ids: list[int] | None = None, extra_prefill: int = 0) -> GuardedOutput:
+        dec = lambda ids: self.vlm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        cut = row.flagged_at if row.flagged_at is not None else len(row.answer)
+        if prefix_ids is None:  # in place: the answer holds prefix + continuation
+            prefix_ids, cont = row.answer[:cut], row.answer[cut:]
+            text = dec(row.answer)
+        else:  # official second pass: the row's answer is the continuation only
+            cont = row.answer
+            text = dec(cont)
+        return GuardedOutput(text, dec(prefix_ids), dec(cont), prefix_ids, cont, row.checks,
+                             row.flagged_at, row.finish_reason, extra_prefill)
+
+    def _decode(self, e: Embedded, rows: list[_Row]) -> Iterator[list[StepEvent]]:
+        vlm, B = self.vlm, len(rows)
+        soft = self.soft_prompt(vlm.dtype) if self.soft_prompt is not None else None
+        k = soft.shape[0] if soft is not None else 0
+        cache = DynamicCache(config=vlm.text_config)
+        mask = e.attention_mask
+        logits = vlm.lm_head(vlm.hidden(e.embeds, mask, e.position_ids, cache)[:, -1]).float()
+        next_pos = e.next_pos.clone()
+        while True:
+            tokens = self._sample(logits, rows)
+            events: dict[int, StepEvent] = {}
+            feed = [False] * B
+            for b, row in enumerate(rows):
+                if row.done:
+                    continue
+                if row.budget <= 0 or tokens[b] in vlm.eos_token_ids:
+                    self._end(row, "length" if row.budget <= 0 else "stop")
+                else:
+                    row.answer.append(tokens[b])
+                    row.budget -= 1
+                    feed[b] = True
+                    events[b] = StepEvent(b, [tokens[b]])
+            check = [
+                not row.done and row.guard is not None and row.flagged_at is None
+                and ((feed[b] and row.scheduled()) or bool(row.end_pending))
+                for b, row in enumerate(rows)
+            ]
+            for b, row in enumerate(rows):  # rows that just finished without an end check
+                if row.done and not row.emitted:
+                    row.emitted = True
+                    events[b] = StepEvent(b, [], output=self._output(row))
+            if not any(feed) and not any(check):
+                if events:
+                    yield list(events.values())
+                return
+            width = 1 + k if any(check) else 1
+            step = torch.zeros(B, width, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
+            step_mask = torch.zeros(B, width, dtype=mask.dtype, device=mask.device)
+            step_pos = torch.zeros(B, width, dtype=torch.long, device=mask.device)
+            fed = torch.tensor(feed, device=mask.device)
+            if any(feed):
+                step[:, 0] = vlm.embed_tokens(torch.tensor(tokens, device=vlm.device))
+                step_mask[:, 0] = fed
+                step_pos[:, 0] = next_pos
+                next_pos = next_pos + fed
+            if width > 1:
+                on = torch.tensor(check, device=mask.device)
+                step[on, 1:] = soft
+                step_mask[on, 1:] = 1
+                step_pos[:, 1:] = next_pos[:, None] + torch.arange(k, device=mask.device)
+            hidden = vlm.hidden(step, torch.cat([mask, step_mask], 1), vlm.positions(step_pos), cache)
+            logits = vlm.lm_head(hidden[:, 0]).float()
+            if width > 1:
+                keep = self._apply_checks(hidden[:, -1], rows, check, events, logits, tokens)
+                if keep:
+                    keep_t = torch.tensor(keep, device=mask.device)
+                    step_mask[:, 1:] *= keep_t[:, None]  # others never saw the reminder
+                    logits[keep_t] = vlm.lm_head(hidden[keep_t, -1]).float()
+                    next_pos = next_pos + keep_t * k
+                else:
+                    cache.crop(-k)
+                    step_mask = step_mask[:, :1]
+            mask = torch.cat([mask, step_mask], 1)
+            if events:
+                yield list(events.values())
+
+    def _apply_checks(self, h_last, rows, check, events, logits, tokens) -> list[bool] | None:
+        """Run the probe on checked rows; return per-row 'keep the reminder in the cache' (None if none)."""
+        p_safe = self.probe.p_safe(h_last).tolist()
+        keep = [False] * len(rows)
+        for b, row in enumerate(rows):
+            if not check[b]:
+                continue
+            threshold = row.guard.threshold if row.guard.threshold is not None else self.probe.threshold
+            result = Check(len(row.answer), p_safe[b], p_safe[b] < threshold)
+            row.checks.append(result)
+            row.last_checked = len(row.answer)
+            ev = events.setdefault(b, StepEvent(b, []))
+            ev.check = result
+            if not result.flagged:
+                if row.end_pending:
+                    row.done, row.finish_reason, row.emitted = True, row.end_pending, True
+                    ev.output = self._output(row)
+                continue
+            row.flagged_at = len(row.answer)
+            if row.guard.mode == "official":
+                # Parity: the flagged row still receives this step's token, then stops for the re-prefill.
+                nxt = int(logits[b].argmax()) if not row.end_pending else None
+                if nxt is not None and nxt not in self.vlm.eos_token_ids:
+                    row.answer.append(nxt)
+                    row.flagged_at += 1
+                    ev.tokens.append(nxt)
+                row.done, row.finish_reason, row.emitted = True, "flagged", True
+            else:
+                keep[b] = True
+                row.end_pending = ""
+                row.budget = row.guard.reminder_max_new_tokens
+        return keep if any(keep) else None
+
+    def _end(self, row: _Row, reason: str) -> None:
+        g = row.guard
+        needs_check = (g is not None and g.check_at_end and row.flagged_at is None
+                       and row.answer and row.last_checked != len(row.answer))
+        if needs_check:
+            row.end_pending = reason
+        else:
+            row.done, row.finish_reason = True, reason
+
+    def _official_second_pass(self, prompts, rows, idx) -> Iterator[list[StepEvent]]:
+        """Official flag handling: re-prefill template + decoded prefix + soft prompt, decode unguarded."""
+        tok = self.vlm.tokenizer
+        again = [replace(prompts[i], answer_prefix=tok.decode(rows[i].answer, skip_special_tokens=True)) for i in idx]
+        embedded = self.vlm.embed(self.vlm.encode(again), suffix=self.soft_prompt(self.vlm.dtype))
+        prefill = embedded.attention_mask.sum(1).tolist()
+        sub = [self._row(rows[i].sampling, None, rows[i].guard.reminder_max_new_tokens) for i in idx]
+        for events in self._decode(embedded, sub):
+            for ev in events:
+                first = rows[idx[ev.row]]
+                if ev.output is not None:
+                    sub_row = sub[ev.row]
+                    sub_row.checks, sub_row.flagged_at = first.checks, first.flagged_at
+                    ev.output = self._output(sub_row, prefix_ids=first.answer, extra_prefill=int(prefill[ev.row]))
+                ev.row = idx[ev.row]
+            yield events

@@ -1,0 +1,33 @@
+"""Process-wide settings every entry point (CLI, Ray worker, Serve replica) applies first."""
+
+from __future__ import annotations
+
+import os
+
+# Offline by design: no hub downloads at run time; CPU-friendly threading; no Ray telemetry.
+RUNTIME_ENV_VARS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+}
+
+
+def quiet_third_party() -> None:
+    """Set the offline/quiet environment for this process (idempotent)."""
+    for key, value in RUNTIME_ENV_VARS.items():
+        os.environ.setdefault(key, value)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def ray_runtime_env(extra: dict | None = None) -> dict:
+    """`runtime_env` for ray.init / job submission so workers get the same environment."""
+    env = {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return {"env_vars": env}
