@@ -1,0 +1,61 @@
+"""`PreprocessConfig`: every knob of the data pipeline, with defaults that fit the paper's use."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sr_ray.data.images import ImageLimits
+
+
+@dataclass
+class PreprocessConfig:
+    data_dir: str  # laid out like shared/data; see sr_ray.data.default_data_dir()
+    out_dir: str  # gets shards/*.parquet, manifest.json, quarantine.jsonl
+    sources: list[str] | None = None  # None = every source found in data_dir
+    variants: list[str] | None = None  # None = every variant
+    limit_per_source: int | None = None  # first N rows (file order) per source; None = all
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)  # train/val/test where a source has no official split
+    max_image_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_side: int = 768
+    num_cpus: int | None = None  # for ray.init when no Ray session is running; None = all cores
+    rows_per_block: int = 32  # Ray Data block / batch size for the decode stage
+    executor: str = "ray"  # "ray" (Ray Data) or "loop" (one process; for debugging and the benchmark)
+    progress: bool = True
+    mmsafetybench_images: str | None = None  # user folder <scenario>/{SD_TYPO,SD}/<id>.jpg (upstream imgs/)
+    coco_dir: str | None = None  # COCO train2017 images, for VLSafe `image` rows
+    jailbreakv_images: str | None = None  # JailBreakV-28K dataset folder that `image_path` is relative to
+    tokenizer: str | None = None  # local dir of a tokenizer/processor: adds chat_prompt + input_ids (for training)
+
+    def __post_init__(self):
+        self.split_fractions = tuple(float(f) for f in self.split_fractions)
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-9:
+            raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
+        if self.executor not in ("ray", "loop"):
+            raise ValueError(f"executor must be 'ray' or 'loop', got {self.executor!r}")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_pixels, self.max_side)
+
+    def optional_dir(self, name: str) -> Path | None:
+        value = getattr(self, name)
+        return Path(value).expanduser().resolve() if value else None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "PreprocessConfig":
+        """YAML keys are field names; `overrides` that are not None win (CLI flags)."""
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
