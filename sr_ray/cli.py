@@ -13,6 +13,7 @@ from sr_ray.runtime import quiet_third_party
 
 COMMAND_MODULES = [
     "sr_ray.models.cli",
+    "sr_ray.data.cli",
 ]
 
 

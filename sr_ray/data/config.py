@@ -48,14 +48,13 @@ class PreprocessConfig:
         return Path(value).expanduser().resolve() if value else None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "PreprocessConfig":
-        """YAML keys are field names; `overrides` that are not None win (CLI flags)."""
+    def yaml_values(cls, path: str | Path) -> dict:
+        """Field values from a YAML file (keys are field names; unknown keys are an error)."""
         values = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return values
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -109,11 +110,16 @@ def keep_rows(batch: pa.Table, quarantined: bool) -> pa.Table:
 
 
 def ensure_ray(num_cpus: int | None) -> None:
+    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one."""
     import ray
 
     from sr_ray.runtime import ray_runtime_env
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=ray_runtime_env())
+    else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=ray_runtime_env())
 
 
