@@ -17,3 +17,18 @@ def tiny_vlm(request):
     from sr_ray.models import load_vlm
 
     return load_vlm(request.param)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run. 4 logical CPUs on 2 cores: Ray Train workers and Ray Data
+    tasks can then run side by side (2 CPUs deadlock, see reference/environment.md)."""
+    import ray
+
+    from sr_ray.runtime import ray_runtime_env
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env=ray_runtime_env())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
