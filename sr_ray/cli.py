@@ -12,7 +12,7 @@ import importlib
 from sr_ray.runtime import quiet_third_party
 
 COMMAND_MODULES = [
-    "sr_ray.models.cli",
+    "sr_ray.reminder.cli",
     "sr_ray.data.cli",
 ]
 

