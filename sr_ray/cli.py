@@ -14,6 +14,7 @@ from sr_ray.runtime import quiet_third_party
 COMMAND_MODULES = [
     "sr_ray.reminder.cli",
     "sr_ray.data.cli",
+    "sr_ray.serve.cli",
 ]
 
 

@@ -1,0 +1,89 @@
+"""The Ray Serve application: an autoscaled FastAPI ingress in front of autoscaled, batching model replicas.
+
+    client --HTTP--> Serve proxy --> GuardedIngress (auth, validation, SSE, metrics, audit)
+                                         --handle, streaming--> GuardedModel (VLM + reminder, @serve.batch)
+
+The ingress re-sends a request to another model replica when the one serving it dies before any text was
+released (nothing reached the client yet, so the retry is invisible); after that the stream fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from sr_ray.runtime import quiet_third_party, ray_runtime_env
+from sr_ray.serve.api import create_api
+from sr_ray.serve.config import ServeConfig
+from sr_ray.serve.holdback import Chunk
+from sr_ray.serve.model import Admission, GenerationJob, GuardedModel
+
+logger = logging.getLogger("sr_ray.serve")
+REPLICA_LOST = (RayActorError, ActorUnavailableError)
+
+
+@serve.ingress()
+class GuardedIngress:
+    def __init__(self, cfg: ServeConfig, model: DeploymentHandle):
+        quiet_third_party()
+        self.cfg, self.model = cfg, model.options(stream=True)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.cfg, self.generate)
+
+    async def generate(self, job: GenerationJob):
+        for attempt in (1, 2):
+            released = admitted = False
+            try:
+                async for item in self.model.generate.remote(job):
+                    if isinstance(item, Admission):
+                        if admitted:  # a retry: the caller already has the admission
+                            continue
+                        admitted = True
+                    elif isinstance(item, Chunk) and item.text:
+                        released = True
+                    yield item
+                return
+            except REPLICA_LOST as err:
+                if released or attempt == 2:
+                    raise
+                logger.warning("model replica lost before any text was released, retrying: %s", err)
+
+
+def build_app(cfg: ServeConfig):
+    """The bound Serve application for `serve.run` (deployment options from `cfg`)."""
+    cfg.validate()
+    runtime_env = ray_runtime_env()
+    m, i = cfg.model_deployment, cfg.ingress_deployment
+    model = serve.deployment(GuardedModel).options(
+        name="GuardedModel", autoscaling_config=m.autoscaling_config(), max_ongoing_requests=m.max_ongoing_requests,
+        ray_actor_options={"num_cpus": m.num_cpus, "runtime_env": runtime_env}, health_check_period_s=5)
+    ingress = serve.deployment(GuardedIngress).options(
+        name="GuardedIngress", autoscaling_config=i.autoscaling_config(), max_ongoing_requests=i.max_ongoing_requests,
+        ray_actor_options={"num_cpus": i.num_cpus, "runtime_env": runtime_env})
+    return ingress.bind(cfg, model.bind(cfg))
+
+
+def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
+    """Start Ray (or join `ray_address`), Serve's HTTP proxy on cfg.host:cfg.port, deploy; return the base URL."""
+    if not ray.is_initialized():
+        ray.init(address=ray_address, runtime_env=ray_runtime_env(), include_dashboard=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.limits.request_timeout_s + 30})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def serve_forever(cfg: ServeConfig, ray_address: str | None = None) -> None:
+    url = start(cfg, ray_address)
+    print(f"sr_ray guarded VLM serving {cfg.model_name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(cfg.app_name)

@@ -1,0 +1,64 @@
+"""`sr-ray serve` (run the guarded endpoint) and `sr-ray bench serve` (guard on vs off through Serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sr_ray.serve.config import load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file (configs/serve.yaml); defaults otherwise")
+    parser.add_argument("--model", help="tiny-llava | smol-llava | hub id | local dir")
+    parser.add_argument("--bundle", help="reminder bundle dir or MLflow models:/<name>/<version>")
+    parser.add_argument("--probe", help="probe dir (with a fresh soft prompt) when there is no bundle")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--no-guard", action="store_true", help="serve with the guard off (no reminder needed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set limits.max_tokens=128 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = [f"{k}={v}" for k in ("model", "bundle", "probe", "host", "port")
+                 if (v := getattr(args, k)) is not None]
+    if args.no_guard:
+        overrides.append("guard.enabled=false")
+    return load_config(args.config, overrides + args.set)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sr_ray.serve.app import serve_forever
+
+    serve_forever(config_from_args(args), ray_address=args.address)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sr_ray.serve.bench import ServeBenchConfig, run_serve_bench, write_result
+
+    cfg = ServeBenchConfig(model=args.model, bundle=args.bundle, requests=args.requests, rounds=args.rounds,
+                           concurrency=args.concurrency, max_tokens=args.max_tokens)
+    result = run_serve_bench(cfg)
+    write_result(result, args.out)
+    keys = ("rps_guarded", "rps_plain", "ratio", "p50_ms", "p99_ms", "ttft_p50_ms", "errors")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0 if result["errors"] == 0 else 1
+
+
+def add_commands(sub, bench) -> None:
+    p = sub.add_parser("serve", help="run the guarded OpenAI-compatible VLM endpoint on Ray Serve")
+    add_config_args(p)
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.set_defaults(func=_serve)
+
+    b = bench.add_parser("serve", help="guarded vs plain throughput/latency through the same Serve app")
+    b.add_argument("--model", default="smol-llava")
+    b.add_argument("--bundle", help="reminder bundle dir (default: fresh soft prompt + never-flag probe)")
+    b.add_argument("--requests", type=int, default=32, help="requests per mode per round")
+    b.add_argument("--rounds", type=int, default=2)
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--out", required=True, help="result JSON")
+    b.set_defaults(func=_bench)

@@ -1,0 +1,172 @@
+"""Typed settings of the guarded endpoint (`configs/serve.yaml`): model, reminder source, scaling, policy."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+@dataclass
+class ScaleConfig:
+    """One Serve deployment's replicas (Serve `autoscaling_config` + per-replica limits)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8
+    max_ongoing_requests: int = 16
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    num_cpus: float = 1.0
+
+    def autoscaling_config(self) -> dict:
+        return dict(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+                    target_ongoing_requests=self.target_ongoing_requests,
+                    upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s)
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 8  # concurrent requests decoded as one batch by a model replica
+    batch_wait_timeout_s: float = 0.02
+    max_concurrent_batches: int = 1  # >1 lets a new batch start while one is still decoding
+
+
+@dataclass
+class GuardPolicy:
+    enabled: bool = True  # the guard runs unless an admin key turns it off per request
+    stream_mode: Literal["holdback", "stream_first"] = "holdback"
+    mode: Literal["inplace", "official"] = "inplace"
+    interval: int | None = None  # None: the bundle's (16 in the paper)
+    threshold: float | None = None  # None: the bundle's (0.2 in the paper)
+    # Per-request `safety.interval` / `safety.threshold` are accepted only inside these bounds.
+    interval_bounds: tuple[int, int] = (8, 32)
+    threshold_bounds: tuple[float, float] = (0.1, 0.5)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 * 2**20
+    max_image_bytes: int = 5 * 2**20
+    max_image_pixels: int = 16 * 2**20  # checked from the header, before decoding (bomb guard)
+    max_image_side: int = 768  # larger images are shrunk (as the data pipeline does)
+    max_images: int = 1  # the model takes one image per turn
+    max_messages: int = 16
+    max_text_chars: int = 32_000
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512  # the largest `max_tokens` a request may ask for
+    default_max_tokens: int = 256
+    max_stop: int = 4
+    max_stop_chars: int = 64
+    request_timeout_s: float = 120.0
+
+
+@dataclass
+class ImageFetchConfig:
+    allow_remote: bool = False  # http(s) image URLs; `data:` URLs are always accepted
+    allowed_hosts: list[str] = field(default_factory=list)
+    timeout_s: float = 5.0
+
+
+@dataclass
+class ApiKey:
+    id: str  # what the audit log records
+    sha256: str  # hex sha256 of the key; the key itself is never stored (`printf %s KEY | sha256sum`)
+    admin: bool = False
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smol-llava"  # tiny-llava | smol-llava | hub id | local dir
+    served_model_name: str | None = None  # the `model` clients send; default: `model`
+    bundle: str | None = None  # reminder bundle dir or MLflow `models:/<name>/<version>`
+    probe: str | None = None  # without a bundle: a probe dir, paired with a freshly initialised soft prompt
+    tracking_uri: str | None = None  # MLflow, for `models:/` bundles
+    app_name: str = "sr_ray"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    model_deployment: ScaleConfig = field(default_factory=ScaleConfig)
+    ingress_deployment: ScaleConfig = field(default_factory=lambda: ScaleConfig(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=256, num_cpus=0.1))
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    limits: Limits = field(default_factory=Limits)
+    images: ImageFetchConfig = field(default_factory=ImageFetchConfig)
+    api_keys: list[ApiKey] = field(default_factory=list)  # empty: no authentication (local use)
+    audit_log: str | None = "serve_audit.jsonl"
+    default_temperature: float = 0.0  # used when a request sends none (0: greedy, reproducible)
+    torch_threads: int | None = None  # per model replica; None: torch's default
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def validate(self) -> "ServeConfig":
+        if self.guard.enabled and not (self.bundle or self.probe):
+            raise ValueError("guard.enabled needs a reminder: set `bundle` (dir or models:/name/version) or "
+                             "`probe` (dir); or run with guard.enabled=false")
+        lo, hi = self.guard.interval_bounds
+        if not 1 <= lo <= hi:
+            raise ValueError(f"guard.interval_bounds must be 1 <= lo <= hi, got {self.guard.interval_bounds}")
+        lo, hi = self.guard.threshold_bounds
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guard.threshold_bounds must be within [0, 1], got {self.guard.threshold_bounds}")
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError("limits.default_max_tokens exceeds limits.max_tokens")
+        return self
+
+
+def _build(cls, data: dict, where: str):
+    """Construct dataclass `cls` from a dict, recursing into dataclass-typed fields; unknown keys fail."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown keys {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        if sub is list:
+            kwargs[name] = [_build(ApiKey, v, f"{where}{name}[{i}].") for i, v in enumerate(value or [])]
+        elif sub is not None:
+            kwargs[name] = _build(sub, value or {}, f"{where}{name}.")
+        elif isinstance(value, list) and name.endswith("_bounds"):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ServeConfig, "model_deployment"): ScaleConfig, (ServeConfig, "ingress_deployment"): ScaleConfig,
+    (ServeConfig, "batching"): BatchingConfig, (ServeConfig, "guard"): GuardPolicy,
+    (ServeConfig, "limits"): Limits, (ServeConfig, "images"): ImageFetchConfig, (ServeConfig, "api_keys"): list,
+}
+
+
+def config_from_dict(data: dict) -> ServeConfig:
+    return _build(ServeConfig, data, "")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`a.b=value` (value parsed as YAML) into the nested dict `data`."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {assignment!r}: expected key.path=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ServeConfig:
+    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)

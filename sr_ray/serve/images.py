@@ -1,0 +1,141 @@
+"""Image parts of a chat request: `data:` URLs always, http(s) URLs only when allowed, never anything local.
+
+Decoding goes through the data pipeline's validator (`sr_ray.data.images`), so a served image is checked
+and normalised exactly like a training image: header-first pixel cap (decompression-bomb guard), complete
+decode (truncated files fail), EXIF orientation, RGB, longest side capped.
+
+Remote fetching is off by default. When on, a URL must be http(s), name an allow-listed host, carry no
+credentials, and resolve only to public addresses (no loopback, private, link-local such as the cloud
+metadata address 169.254.169.254, multicast or reserved ranges); redirects are not followed. The check
+resolves the name once before connecting, so the allow-list, not the address check, is the defence
+against DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+
+from sr_ray.data.images import ImageLimits, ImageRejected, normalise_image_bytes
+
+DATA_URL = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+)?(?P<params>(;[a-z0-9=._-]+)*);base64,(?P<data>.*)$", re.I | re.S)
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class ImageError(ValueError):
+    """The image part cannot be used; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    allow_remote: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    timeout_s: float = 5.0
+
+
+def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
+    if len(data) > policy.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, above the limit of {policy.max_bytes}", 413)
+    try:
+        clean = normalise_image_bytes(data, ImageLimits(policy.max_bytes, policy.max_pixels, policy.max_side))
+    except ImageRejected as err:
+        raise ImageError(f"invalid image: {err}") from None
+    return Image.open(io.BytesIO(clean)).convert("RGB")
+
+
+def data_url_bytes(url: str, max_bytes: int) -> bytes:
+    match = DATA_URL.match(url)
+    if match is None:
+        raise ImageError("malformed data URL: expected data:image/<type>;base64,<data>")
+    payload = match["data"]
+    if len(payload) * 3 // 4 > max_bytes + 3:  # refuse before decoding a huge payload
+        raise ImageError(f"image is larger than the limit of {max_bytes} bytes", 413)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URL payload is not valid base64") from None
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+async def check_remote_url(url: str, policy: ImagePolicy, resolve: Resolver = system_resolver) -> None:
+    """Raise `ImageError` unless `url` may be fetched under `policy`."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ImageError(f"image URL scheme {scheme or '(none)'!r} is not allowed; use data: or http(s)")
+    if not policy.allow_remote:
+        raise ImageError("remote image URLs are disabled on this server; send the image as a data: URL")
+    if parts.username or parts.password:
+        raise ImageError("image URLs with credentials are not allowed")
+    host = (parts.hostname or "").lower()
+    if host not in policy.allowed_hosts:
+        raise ImageError(f"image host {host!r} is not on this server's allow-list")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+        addresses = await resolve(host, port)
+    except (OSError, ValueError) as err:
+        raise ImageError(f"cannot resolve image host {host!r}: {err}") from None
+    blocked = [a for a in addresses if not is_public_address(a)]
+    if blocked or not addresses:
+        raise ImageError(f"image host {host!r} resolves to a non-public address {blocked or addresses}")
+
+
+async def fetch_image_bytes(url: str, policy: ImagePolicy, resolve: Resolver = system_resolver,
+                            transport: httpx.AsyncBaseTransport | None = None) -> bytes:
+    await check_remote_url(url, policy, resolve)
+    try:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=policy.timeout_s, transport=transport) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise ImageError(f"fetching the image failed: HTTP {response.status_code}")
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > policy.max_bytes:
+                        raise ImageError(f"image is larger than the limit of {policy.max_bytes} bytes", 413)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except httpx.HTTPError as err:
+        raise ImageError(f"fetching the image failed: {type(err).__name__}") from None
+
+
+async def load_image(url: str, policy: ImagePolicy, resolve: Resolver = system_resolver,
+                     transport: httpx.AsyncBaseTransport | None = None) -> Image.Image:
+    """An `image_url` part's URL to a validated RGB image (decoding runs off the event loop)."""
+    if not isinstance(url, str) or not url:
+        raise ImageError("image_url.url must be a non-empty string")
+    if url[:5].lower() == "data:":
+        data = data_url_bytes(url, policy.max_bytes)
+    else:
+        data = await fetch_image_bytes(url, policy, resolve, transport)
+    return await asyncio.to_thread(decode_image, data, policy)

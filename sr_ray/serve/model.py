@@ -1,0 +1,132 @@
+"""The model replica: one VLM + reminder, decoding concurrent requests as one guarded batch.
+
+`generate(job)` streams one request: first an `Admission` (prompt token count, or why it is refused),
+then `Chunk`s of released text. Requests that arrive together are decoded in one
+`GuardedGenerator.stream()` call (`@serve.batch`, streaming form: one list of per-request results per
+decode step, with per-row sampling and guard settings). Each decode step runs in a worker thread, so the
+replica's event loop keeps accepting requests and answering health checks while torch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from ray import serve
+
+from sr_ray.models import Prompt, load_vlm
+from sr_ray.reminder import GuardConfig, GuardedGenerator, HarmProbe, ReminderBundle, SamplingConfig, SoftPrompt
+from sr_ray.runtime import quiet_third_party
+from sr_ray.serve.config import ServeConfig
+from sr_ray.serve.holdback import Releaser
+from sr_ray.serve.policy import GuardChoice
+
+
+@dataclass
+class GenerationJob:
+    prompt: Prompt
+    sampling: SamplingConfig
+    guard: GuardChoice
+    stop: list[str]
+    max_prompt_tokens: int
+
+
+@dataclass
+class Admission:
+    prompt_tokens: int
+    error: str | None = None  # set when the request is refused (answered with 400)
+
+
+def resolve_bundle_dir(source: str, tracking_uri: str | None = None) -> Path:
+    """A bundle directory, or an MLflow model URI (`models:/<name>/<version>`) downloaded to one."""
+    if "://" in source or source.startswith("models:/"):
+        from sr_ray.train.tracking import resolve_bundle
+
+        return Path(resolve_bundle(source, tracking_uri=tracking_uri))
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reminder bundle {source!r} is not a directory or an MLflow models:/ URI")
+    return path
+
+
+def load_reminder(cfg: ServeConfig, vlm) -> tuple[SoftPrompt, HarmProbe, GuardConfig] | None:
+    """The bundle (checksums verified by `ReminderBundle.load`), or a fresh soft prompt + a given probe."""
+    if cfg.bundle:
+        bundle = ReminderBundle.load(resolve_bundle_dir(cfg.bundle, cfg.tracking_uri), vlm)
+        return bundle.soft_prompt, bundle.probe, bundle.guard_config(mode=cfg.guard.mode)
+    if cfg.probe:
+        probe = HarmProbe.load(cfg.probe, vlm)
+        return SoftPrompt.from_text(vlm), probe, GuardConfig(threshold=probe.threshold, mode=cfg.guard.mode)
+    return None
+
+
+class GuardedModel:
+    def __init__(self, cfg: ServeConfig):
+        quiet_third_party()
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.vlm = load_vlm(cfg.model)
+        reminder = load_reminder(cfg, self.vlm)
+        soft_prompt, probe, self.base_guard = reminder or (None, None, GuardConfig())
+        self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard)
+        b = cfg.batching
+        self._batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
+                                    max_concurrent_batches=b.max_concurrent_batches)(self._decode_batch)
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        return int(self.vlm.encode([prompt]).attention_mask.sum())
+
+    async def generate(self, job: GenerationJob):
+        n = await asyncio.to_thread(self.prompt_tokens, job.prompt)
+        if n > job.max_prompt_tokens:
+            yield Admission(n, f"the prompt is {n} tokens, above this server's limit of {job.max_prompt_tokens}")
+            return
+        yield Admission(n)
+        results = self._batched(job)
+        try:
+            async for chunk in results:
+                if chunk is not None:
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        break
+        finally:
+            # The batch decodes on for other rows; consume this row's remaining results so no future is
+            # left unretrieved (the batch ends this row's results one step after its last chunk).
+            asyncio.get_running_loop().create_task(_drain(results))
+
+    def _guard_config(self, job: GenerationJob) -> GuardConfig | None:
+        choice = job.guard
+        if not choice.enabled:
+            return None
+        # max_tokens bounds the whole answer, so the continuation after a flag never needs more.
+        guard = replace(self.base_guard, check_at_end=True, reminder_max_new_tokens=job.sampling.max_new_tokens)
+        if choice.interval is not None:
+            guard.interval = choice.interval
+        if choice.threshold is not None:
+            guard.threshold = choice.threshold
+        return guard
+
+    def _releaser(self, job: GenerationJob) -> Releaser:
+        tokenizer = self.vlm.tokenizer
+        return Releaser(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), job.sampling.max_new_tokens,
+                        job.stop, guarded=job.guard.enabled, hold_back=job.guard.hold_back)
+
+    async def _decode_batch(self, jobs: list[GenerationJob]):
+        """One guarded decode for a batch of requests; yields one result per request per step: a `Chunk`,
+        None (nothing released) or, once the request has its last chunk, the end-of-stream sentinel."""
+        releasers = [self._releaser(job) for job in jobs]
+        steps = self.generator.stream([j.prompt for j in jobs], [j.sampling for j in jobs],
+                                      [self._guard_config(j) for j in jobs])
+        while (events := await asyncio.to_thread(next, steps, None)) is not None:
+            out: list = [StopAsyncIteration if r.done else None for r in releasers]
+            for event in events:
+                if not releasers[event.row].done:
+                    out[event.row] = releasers[event.row].feed(event)
+            yield out
+
+
+async def _drain(results) -> None:
+    async for _ in results:
+        pass

@@ -1,0 +1,172 @@
+"""The wire format: OpenAI chat-completions request/response models plus the `safety` extension.
+
+Requests accept the OpenAI fields the guarded engine implements; any other field is refused with a 400
+naming it (rather than silently ignored). Responses are plain OpenAI objects with one extra top-level
+key, `safety`, which OpenAI clients keep (`response.safety` / `response.model_extra["safety"]`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- request ------------------------------------------------------------------------------------
+class ImageURL(_Strict):
+    url: str = Field(max_length=16 * 2**20)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class SafetyOptions(_Strict):
+    """Per-request guard settings; the server accepts them only within its configured bounds."""
+
+    enabled: bool | None = Field(None, description="false turns the guard off (admin key required)")
+    interval: int | None = Field(None, ge=1, description="answer tokens between checks")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="flag when P(safe) < threshold")
+    stream_mode: Literal["holdback", "stream_first"] | None = Field(
+        None, description="stream_first releases tokens before they are checked (admin key required)")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    user: str | None = Field(None, max_length=256)
+    safety: SafetyOptions | None = None
+
+
+# ---- responses ----------------------------------------------------------------------------------
+class SafetyReport(BaseModel):
+    """What the guard did for this response."""
+
+    enabled: bool
+    stream_mode: Literal["holdback", "stream_first"]
+    flagged: bool
+    checks_run: int
+    flagged_at: int | None = Field(None, description="answer tokens generated when the probe flagged")
+    p_safe_at_flag: float | None = None
+    p_safe_min: float | None = Field(None, description="lowest P(safe) over the checks")
+    tokens_released_before_flag: int | None = Field(None, description="tokens the client got before the flag")
+    tokens_dropped: int = Field(0, description="held-back (unchecked) tokens discarded at the flag")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    safety: SafetyReport
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class StreamChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event. The last choice-bearing chunk has `finish_reason` and `safety`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: Usage | None = None
+    safety: SafetyReport | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sr_ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request", 401: "missing or unknown API key", 403: "not allowed for this key",
+        404: "unknown model", 413: "body or image too large", 504: "generation timed out",
+    }.items()
+}
