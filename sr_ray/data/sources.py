@@ -89,6 +89,8 @@ def csv_rows(
         except csv.Error as err:
             yield index, f"malformed CSV row (line {reader.line_num}): {err}"
         else:
+            if not fields:  # a blank line is no row (as csv.DictReader)
+                continue
             if rejoin_last and len(fields) > len(header):
                 fields = fields[: len(header) - 1] + [",".join(fields[len(header) - 1 :])]
             if len(fields) != len(header):
