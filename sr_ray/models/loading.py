@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sr_ray.models.tiny import TINY_BUILDERS
-from sr_ray.models.vlm import VLM
+from sr_ray.models.vlm import QWEN_FAMILY, VLM
 
 EMBEDDED_DEFAULT = "smol-llava"
 
@@ -19,6 +19,23 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, dtype)
+
+
+def _load_processor(path, model_type: str):
+    """AutoProcessor, except Qwen2-VL's full processor needs torchvision (absent beside the CPU torch):
+    then an image-only processor from the checkpoint's own image processor, tokenizer and template."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    from sr_ray.models.tiny import ImageOnlyQwen2VLProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, AttributeError, ValueError):
+        processor = None
+    if hasattr(processor, "image_processor") or model_type not in QWEN_FAMILY:
+        return processor
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return ImageOnlyQwen2VLProcessor(AutoImageProcessor.from_pretrained(path), tokenizer, tokenizer.chat_template)
 
 
 def load_vlm(name: str = EMBEDDED_DEFAULT, dtype: str | torch.dtype | None = None, device: str | None = None, **kwargs) -> VLM:
@@ -41,7 +58,7 @@ def load_vlm(name: str = EMBEDDED_DEFAULT, dtype: str | torch.dtype | None = Non
     else:
         path = Path(name) if Path(name).exists() else name
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = _load_processor(path, model.config.model_type)
     meta = Path(path) / "sr_ray_model.json"
     model_id = json.loads(meta.read_text())["model_id"] if meta.exists() else str(name)
     return VLM(model, processor, model_id=model_id)

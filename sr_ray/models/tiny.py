@@ -118,7 +118,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without its video processor (which needs torchvision, absent with the CPU torch)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = tokenizer.image_token
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
