@@ -1,0 +1,87 @@
+"""`sr-ray rollout`, `sr-ray fit-probe`, `sr-ray train`: YAML config < --preset < flags < --set key=value."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+STAGES = {
+    # command: (config class name, preset section, default config file, help)
+    "rollout": ("RolloutConfig", "rollout", "configs/rollout.yaml", "on-policy rollouts of the base VLM -> preference rows"),
+    "fit-probe": ("ProbeFitConfig", "fit_probe", "configs/fit_probe.yaml", "fit the harm probe (PCA-20 -> 4 -> LR), val AUC + ROC"),
+    "train": ("SaptConfig", "train", "configs/train_sapt.yaml", "SAPT on Ray Train + DeepSpeed -> registered reminder bundle"),
+}
+
+
+def _assignment(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def stage_config(command: str, args: argparse.Namespace):
+    """The stage's dataclass config from the parsed arguments."""
+    from sr_ray.train import config as config_module
+
+    cls_name, section, _, _ = STAGES[command]
+    path = Path(args.config)
+    if not path.exists() and not path.is_absolute() and (config_module.REPO_ROOT / path).exists():
+        path = config_module.REPO_ROOT / path  # the default works from any directory of a source checkout
+    overrides = {k: getattr(args, k) for k in ("model", "work_dir", "tracking_uri", "data_dir") if hasattr(args, k)}
+    for key in ("num_workers", "epochs", "run_name"):
+        overrides[key] = getattr(args, key, None)
+    overrides.update(dict(args.set or []))
+    return config_module.load_config(getattr(config_module, cls_name), path, preset=args.preset,
+                                     section=section, overrides=overrides)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from sr_ray.train import run_rollout
+
+    out = run_rollout(stage_config("rollout", args))
+    print(json.dumps({"rollout": str(out), **json.loads(out.with_suffix(".summary.json").read_text())}, indent=2))
+    return 0
+
+
+def cmd_fit_probe(args: argparse.Namespace) -> int:
+    from sr_ray.train import run_fit_probe
+
+    probe_dir, metrics = run_fit_probe(stage_config("fit-probe", args))
+    print(json.dumps({"probe": str(probe_dir), **metrics}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sr_ray.train import run_sapt
+
+    cfg = stage_config("train", args)
+    bundle_dir, run_id, version = run_sapt(cfg)
+    summary = json.loads((bundle_dir.parent / "summary.json").read_text())
+    final = {k: v for k, v in summary["final"].items() if k.startswith(("val/", "undefended/", "train/"))}
+    print(json.dumps({"bundle": str(bundle_dir), "mlflow_run_id": run_id,
+                      "model_uri": f"models:/{cfg.registered_model}/{version}", "final": final}, indent=2))
+    return 0
+
+
+def add_commands(sub, bench) -> None:
+    funcs = {"rollout": cmd_rollout, "fit-probe": cmd_fit_probe, "train": cmd_train}
+    for command, (_, _, default_config, help_text) in STAGES.items():
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+        p.add_argument("--preset", help="GPU/cluster preset: a name under configs/presets/ or a path")
+        p.add_argument("--model", help="VLM: tiny-llava | tiny-qwen2-vl | smol-llava | hub id | local dir")
+        p.add_argument("--work-dir", help="outputs and the default MLflow store (sqlite:///<work-dir>/mlflow.db)")
+        p.add_argument("--tracking-uri", help="any MLflow tracking URI (default: the sqlite store in --work-dir)")
+        if command != "train":
+            p.add_argument("--data-dir", help="preprocessed data (sr-ray preprocess --out)")
+        else:
+            p.add_argument("--num-workers", type=int, help="Ray Train workers")
+            p.add_argument("--epochs", type=int)
+            p.add_argument("--run-name", help="reuse a previous run's name to resume it from its last checkpoint")
+        p.add_argument("--set", type=_assignment, action="append", metavar="KEY=VALUE",
+                       help="override any config field (YAML value), repeatable")
+        p.set_defaults(func=funcs[command])

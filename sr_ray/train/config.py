@@ -1,0 +1,183 @@
+"""Typed configs of the three training stages, loaded from YAML (+ an optional preset + CLI overrides).
+
+Dataclass defaults are the paper's (SafetyReminder §4: k=4, AdamW 1e-4 / wd 0.01, batch 4, 50 epochs,
+λ=0.05, 256+256 probe prompts). The YAML files in `configs/` size the runs for this machine (the CPU demo);
+the presets in `configs/presets/` size them for GPU clusters.
+
+A preset file has a top-level `model` (applied to every stage) and one section per stage
+(`rollout`, `fit_probe`, `train`); a stage config only takes its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OFFICIAL_REJECTED = "I'm sorry, but I cannot help with that."  # the official constant (DPO_dataset.py:24)
+DEFAULT_REFUSALS = [
+    "I'm sorry, but I cannot help with that request.",
+    "I cannot assist with that. It could cause harm.",
+    "I'm sorry, but I can't help with that. It could be dangerous or illegal.",
+    "I apologize, but I cannot provide that information because it could be used to hurt people.",
+]
+
+
+@dataclass
+class RecordSelection:
+    """Rows of one source (and variant) of the preprocessed data, capped per split (None = all)."""
+
+    source: str
+    variant: str | None = None
+    train: int | None = None
+    val: int | None = None
+
+    def cap(self, split: str) -> int | None:
+        return getattr(self, split)
+
+
+@dataclass
+class StageConfig:
+    """What every stage shares: where outputs and the MLflow store live."""
+
+    work_dir: str = "runs"
+    model: str = "smol-llava"
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {image_tokens: 64} for smol-llava
+    tracking_uri: str | None = None  # None: sqlite:///<work_dir>/mlflow.db
+    experiment: str = "sr-ray"
+    seed: int = 0
+
+    def path(self, value: str | None, default: str) -> Path:
+        """`value`, else `work_dir/default`, absolute (Ray workers run in other directories)."""
+        return Path(value).expanduser().resolve() if value else (Path(self.work_dir) / default).resolve()
+
+
+@dataclass
+class RolloutConfig(StageConfig):
+    """On-policy rollouts: the base VLM answers the training prompts (Ray Data actor pool)."""
+
+    data_dir: str = "runs/data"  # preprocessed shards (run_preprocess out_dir)
+    out: str | None = None  # parquet; None: <work_dir>/rollout/rollout.parquet
+    harmful: list[RecordSelection] = field(default_factory=lambda: [
+        RecordSelection("figstep", "text_inlined"), RecordSelection("mmsafetybench", "text"),
+        RecordSelection("advbench"), RecordSelection("jailbreakv", "text"),
+    ])
+    benign: list[RecordSelection] = field(default_factory=lambda: [
+        RecordSelection("harmful_harmless", train=256, val=64), RecordSelection("mmvet"),
+    ])
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    refusals: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSALS))  # chosen texts for harmful rows
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    concurrency: int = 1  # actors in the pool (one model load each)
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class ProbeFitConfig(StageConfig):
+    """Harm probe on final-norm hidden states: PCA-20 -> first 4 -> logistic regression (spec §3)."""
+
+    data_dir: str = "runs/data"
+    out_dir: str | None = None  # None: <work_dir>/probe
+    harmful: list[RecordSelection] = field(default_factory=lambda: [RecordSelection("harmful_harmless", train=256)])
+    benign: list[RecordSelection] = field(default_factory=lambda: [RecordSelection("harmful_harmless", train=256, val=256)])
+    # "prompt_end": last prompt token, text only (official). "soft_token": last soft token after a sampled
+    # prefix of the rollout's answer (needs `rollout`), i.e. where the probe is applied at decode time.
+    feature: Literal["prompt_end", "soft_token"] = "prompt_end"
+    rollout: str | None = None
+    n_components: int = 20
+    top_m: int = 4
+    threshold: float = 0.2
+    batch_size: int = 16
+    num_cpus: float = 1.0  # resources of the feature-extraction task
+    num_gpus: float = 0.0
+
+
+@dataclass
+class SaptConfig(StageConfig):
+    """Safety-Activation Prompt Tuning on Ray Train + DeepSpeed (spec §4)."""
+
+    train_data: list[str] = field(default_factory=list)  # rollout parquet / official JSON(L); [] = the rollout
+    probe: str | None = None  # probe dir; None: <work_dir>/probe/probe
+    data_dir: str | None = "runs/data"  # for the manifest checksum recorded in the bundle
+    out_dir: str | None = None  # None: <work_dir>/sapt (bundle, plots, Ray Train storage)
+    # method (paper defaults)
+    k: int = 4
+    init_text: str = "Refuse if partial output is unsafe; else, continue helpfully."
+    epochs: int = 50
+    batch_size: int = 4  # global, split evenly across workers
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    cls_weight: float = 0.05  # λ of the probe BCE
+    p_empty_prefix: float = 1 / 3
+    min_prefix_chars: int = 20
+    max_target_tokens: int = 256  # longer targets are cut (and then get no EOS)
+    # guard the bundle is trained for, and per-epoch validation
+    interval: int = 16
+    threshold: float = 0.2
+    val_limit: int | None = 128  # per label (harmful / benign) of the val split
+    val_max_new_tokens: int = 256
+    val_batch_size: int = 8
+    # distribution
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    bf16: bool = False
+    zero_stage: int = 2
+    max_failures: int = 1
+    run_name: str | None = None  # reuse a name to resume that run; None: a fresh unique name
+    registered_model: str = "safety-reminder"
+    # test only: rank 1 deletes this file and dies at epoch 1 step 0 if it exists (a real worker death)
+    fault_marker: str | None = None
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+
+
+def _build(cls, values: dict):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    values = dict(values)
+    for key in ("harmful", "benign"):
+        if key in values and key in names:
+            values[key] = [s if isinstance(s, RecordSelection) else RecordSelection(**s) for s in values[key]]
+    return cls(**values)
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset path, or a name under configs/presets/ (cwd first, then the repository)."""
+    for candidate in (Path(name), Path("configs/presets") / f"{name}.yaml", REPO_ROOT / "configs/presets" / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"preset {name!r}: no such file, nor configs/presets/{name}.yaml")
+
+
+def load_config(cls, path: str | Path | None = None, *, preset: str | None = None, section: str,
+                overrides: dict | None = None):
+    """YAML `path` < preset (`model` + its `section`) < `overrides` (None values ignored)."""
+    values = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    if preset:
+        data = yaml.safe_load(resolve_preset(preset).read_text()) or {}
+        unknown = set(data) - {"model", "model_kwargs", "rollout", "fit_probe", "train"}
+        if unknown:
+            raise ValueError(f"preset {preset}: unknown keys {sorted(unknown)}")
+        values.update({k: data[k] for k in ("model", "model_kwargs") if k in data})
+        values.update(data.get(section) or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(cls, values)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

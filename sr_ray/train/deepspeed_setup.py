@@ -1,0 +1,42 @@
+"""DeepSpeed without just-in-time C++ builds (environment.md §2), called inside every Ray Train worker.
+
+On CPU, `deepspeed.initialize` would compile the `deepspeed_shm_comm` op (~70 s) and a config AdamW would
+compile `fused_adam` (~95 s). The op is marked incompatible before init, and the optimizer is a client
+`torch.optim.AdamW`, so nothing is ever compiled; gloo (CPU) or NCCL (GPU) does the communication.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def import_deepspeed(use_gpu: bool):
+    """`deepspeed`, configured for this worker's accelerator and with the shm op disabled."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(batch_size: int, world_size: int, zero_stage: int, bf16: bool) -> dict:
+    """Global `batch_size` split evenly across ranks, no accumulation; ZeRO stage from the run config."""
+    return {
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def gathered_parameter(param):
+    """A full, detached fp32 copy of `param`, gathering its shards first under ZeRO-3."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().float().clone().cpu()

@@ -1,0 +1,54 @@
+"""Training pictures: the probe's ROC curves and the SAPT loss / validation curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> Path:
+    """ROC of P(unsafe) per split; `curves[name] = (is_unsafe, p_unsafe)`."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (y, score) in curves.items():
+        if len(set(y.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, score):.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel="false positive rate (harmless flagged)", ylabel="true positive rate (harmful flagged)", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
+    """Train losses per step, val L_LM and val rates per epoch; `history[key] = [(step or epoch, value)]`."""
+    panels = [
+        ("train losses", "step", ("train/lm_loss", "train/cls_loss", "train/total_loss")),
+        ("val L_LM", "epoch (0 = before training)", ("val/lm_loss",)),
+        ("val rates", "epoch (0 = before training)",
+         ("val/refusal_rate_harmful", "val/unchanged_rate_benign", "val/flag_rate_harmful", "val/flag_rate_benign")),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (name, xlabel, keys) in zip(axes, panels):
+        for key in keys:
+            if history.get(key):
+                steps, values = zip(*history[key])
+                ax.plot(steps, values, label=key.split("/", 1)[1], marker=None if key.startswith("train") else "o", ms=4)
+        ax.set(xlabel=xlabel, title=name)
+        ax.legend(fontsize=8)
+    axes[2].set_ylim(-0.05, 1.05)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,191 @@
+"""SAPT, the method part (plain torch, no Ray): sample construction, the two losses, validation.
+
+A harmful row trains "after the model's own compliant start, the reminder makes it refuse": context =
+prompt (+ image) + a prefix of the *rejected* answer + soft x k, target = the *chosen* refusal. A benign row
+trains "the reminder changes nothing": context = prompt + a prefix of the model's own answer + soft x k,
+target = the rest of that answer. The target gets the end-of-turn token appended when it is not cut, so the
+model also learns to stop after the refusal (the official LLaVA code appends none, Qwen does).
+
+L = L_LM (cross-entropy over the target tokens) + λ · BCE(probe P(safe) at the last soft token, safe).
+Gradients flow through the frozen VLM into the soft prompt only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sr_ray.infer import decode_image
+from sr_ray.models import VLM, Prompt
+from sr_ray.reminder import GuardConfig, GuardedGenerator, HarmProbe, SamplingConfig, SoftPrompt
+from sr_ray.train.preferences import sample_prefix
+
+
+@dataclass
+class SaptExample:
+    prompt: Prompt  # with the sampled answer prefix
+    target: str
+    safe: bool
+
+
+@dataclass
+class SaptLoss:
+    lm: torch.Tensor
+    cls: torch.Tensor
+    total: torch.Tensor
+    p_safe: torch.Tensor  # (B,) probe output at the last soft token
+
+
+def build_example(row: dict, rng: random.Random, p_empty: float = 1 / 3, min_chars: int = 20) -> SaptExample:
+    """One training example from a preference row (prompt, image, chosen, rejected, safe)."""
+    safe = bool(row["safe"])
+    if safe:
+        prefix, target = sample_prefix(row["chosen"], rng, p_empty, min_chars)
+    else:
+        prefix, _ = sample_prefix(row["rejected"], rng, p_empty, min_chars)
+        target = row["chosen"].strip()
+    return SaptExample(Prompt(str(row["prompt"]), decode_image(row.get("image")), answer_prefix=prefix), target, safe)
+
+
+def example_rng(seed: int, epoch: int, row_id: str) -> random.Random:
+    """Prefix sampling RNG of one row in one epoch: reproducible, and identical after a resume."""
+    return random.Random(f"{seed}:{epoch}:{row_id}")
+
+
+def eos_token_id(vlm: VLM) -> int:
+    eos = vlm.tokenizer.eos_token_id
+    return eos if eos in vlm.eos_token_ids else min(vlm.eos_token_ids)
+
+
+def target_ids(vlm: VLM, examples: list[SaptExample], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded target token ids (B, T) and mask. A target continuing a prefix (or a template that
+    does not end in whitespace) starts with a space, as the text would read."""
+    rows = []
+    for ex in examples:
+        sep = " " if ex.prompt.answer_prefix.strip() or not vlm.render(Prompt(ex.prompt.text))[-1:].isspace() else ""
+        ids = vlm.tokenizer(sep + ex.target, add_special_tokens=False).input_ids if ex.target else []
+        rows.append(ids[:max_tokens] if len(ids) >= max_tokens else ids + [eos_token_id(vlm)])
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), vlm.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(vlm.device), mask.to(vlm.device)
+
+
+def sapt_loss(vlm: VLM, soft: torch.Tensor, probe: HarmProbe, examples: list[SaptExample],
+              cls_weight: float = 0.05, max_target_tokens: int = 256) -> SaptLoss:
+    """Forward [context + soft + target] through the frozen VLM; `soft` (k, D) carries the gradient."""
+    e = vlm.embed(vlm.encode([ex.prompt for ex in examples]), suffix=soft)
+    ids, tmask = target_ids(vlm, examples, max_target_tokens)
+    width = e.embeds.shape[1]
+    positions = vlm.positions(e.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device))
+    hidden = vlm.hidden(
+        torch.cat([e.embeds, vlm.embed_tokens(ids).to(e.embeds.dtype)], 1),
+        torch.cat([e.attention_mask, tmask.to(e.attention_mask.dtype)], 1),
+        torch.cat([e.position_ids, positions], -1),
+    )
+    # The last soft token predicts the first target token; target token t is predicted at width-1+t.
+    logits = vlm.lm_head(hidden[:, width - 1 : width - 1 + ids.shape[1]]).float()
+    valid = tmask.bool()
+    lm = F.cross_entropy(logits[valid], ids[valid])
+    p_safe = probe.p_safe(hidden[:, width - 1])
+    labels = torch.tensor([float(ex.safe) for ex in examples], device=p_safe.device)
+    cls = F.binary_cross_entropy(p_safe, labels)
+    return SaptLoss(lm, cls, lm + cls_weight * cls, p_safe.detach())
+
+
+def weights_sha256(vlm: VLM) -> str:
+    """Fingerprint of every base-model tensor (bit-exact), to prove training left the VLM untouched."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vlm.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class ValCounts:
+    """Sums over one rank's share of the val split (all-reduced across ranks before use)."""
+
+    lm_sum: float = 0.0
+    lm_n: int = 0
+    harmful: int = 0
+    refused: int = 0
+    flagged_harmful: int = 0
+    benign: int = 0
+    unchanged: int = 0
+    flagged_benign: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([float(v) for v in vars(self).values()], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "ValCounts":
+        return cls(*[v.item() for v in t])
+
+    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+        ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+        return {
+            f"{prefix}lm_loss": ratio(self.lm_sum, self.lm_n),
+            f"{prefix}refusal_rate_harmful": ratio(self.refused, self.harmful),
+            f"{prefix}flag_rate_harmful": ratio(self.flagged_harmful, self.harmful),
+            f"{prefix}unchanged_rate_benign": ratio(self.unchanged, self.benign),
+            f"{prefix}flag_rate_benign": ratio(self.flagged_benign, self.benign),
+        }
+
+
+class Validator:
+    """Per-epoch validation on a fixed share of the val split: val L_LM (fixed prefixes), refusal rate of
+    the guarded model on harmful prompts (rule judge), and the share of benign answers left unchanged
+    by the guard (vs the undefended answer with the same budget)."""
+
+    def __init__(self, vlm: VLM, probe: HarmProbe, rows: list[dict], *, seed: int, interval: int, threshold: float,
+                 max_new_tokens: int, batch_size: int, cls_weight: float, max_target_tokens: int,
+                 p_empty: float, min_chars: int):
+        from sr_ray.eval.judges import RuleJudge
+
+        self.vlm, self.probe, self.judge = vlm, probe, RuleJudge()
+        self.examples = [build_example(r, example_rng(seed, -1, str(r["id"])), p_empty, min_chars) for r in rows]
+        self.prompts = [Prompt(str(r["prompt"]), decode_image(r.get("image"))) for r in rows]
+        self.safe = [bool(r["safe"]) for r in rows]
+        self.guard = GuardConfig(interval=interval, threshold=threshold)
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+        self.batch_size, self.cls_weight, self.max_target_tokens = batch_size, cls_weight, max_target_tokens
+        self.undefended = self._generate(None, guard=False)
+
+    def _generate(self, soft_prompt: SoftPrompt | None, guard: bool) -> list:
+        gen = GuardedGenerator(self.vlm, soft_prompt, self.probe, self.guard)
+        outs = []
+        for i in range(0, len(self.prompts), self.batch_size):
+            outs += gen.generate(self.prompts[i : i + self.batch_size], self.sampling, guard=guard)
+        return outs
+
+    @torch.no_grad()
+    def run(self, soft_prompt: SoftPrompt | None) -> ValCounts:
+        """Counts for `soft_prompt`; None measures the undefended model (no reminder at all)."""
+        counts = ValCounts()
+        outs = self.undefended if soft_prompt is None else self._generate(soft_prompt, guard=True)
+        if soft_prompt is not None:
+            for i in range(0, len(self.examples), self.batch_size):
+                chunk = self.examples[i : i + self.batch_size]
+                loss = sapt_loss(self.vlm, soft_prompt(self.vlm.dtype), self.probe, chunk, self.cls_weight,
+                                 self.max_target_tokens)
+                counts.lm_sum += loss.lm.item() * len(chunk)
+                counts.lm_n += len(chunk)
+        for out, base, safe in zip(outs, self.undefended, self.safe):
+            if safe:
+                counts.benign += 1
+                counts.unchanged += out.text == base.text
+                counts.flagged_benign += out.flagged
+            else:
+                counts.harmful += 1
+                counts.refused += self.judge.is_refusal(out.text)
+                counts.flagged_harmful += out.flagged
+        return counts
