@@ -1,0 +1,135 @@
+"""cluster.yaml: accepted by Ray's own cluster-config checks, and consistent with the project's install.
+
+`ray up` runs `prepare_config` (merge with the provider's defaults) and then `validate_config` (Ray's JSON
+schema, ray/autoscaler/ray-schema.json, plus node-type checks) before it talks to the cloud; the same two
+functions run here, so a config that passes would get past `ray up`'s own validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def config() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def launcher_checks(config: dict) -> dict:
+    """What `ray up` does to the YAML before creating any node."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def commands(config: dict, key: str) -> list[str]:
+    return [" ".join(cmd.split()) for cmd in config.get(key) or []]
+
+
+def test_cluster_yaml_passes_ray_launcher_validation(config):
+    prepared = launcher_checks(config)
+    node_types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "head" and set(node_types) == {"head", "gpu_worker"}
+    assert node_types["head"]["resources"]["GPU"] == 0  # no GPU work is scheduled on the head
+    assert node_types["gpu_worker"]["max_workers"] >= 1
+
+
+def _unknown_top_level_key(c):
+    c["setup_command"] = c.pop("setup_commands")  # typo
+
+
+def _node_type_without_node_config(c):
+    del c["available_node_types"]["gpu_worker"]["node_config"]
+
+
+def _fractional_gpu_resource(c):
+    c["available_node_types"]["gpu_worker"]["resources"] = {"GPU": 0.5}
+
+
+def _head_type_not_declared(c):
+    c["head_node_type"] = "ray.head.default"
+
+
+def _min_workers_over_global_max(c):
+    c["available_node_types"]["gpu_worker"]["min_workers"] = c["max_workers"] + 1
+
+
+@pytest.mark.parametrize("breakage", [_unknown_top_level_key, _node_type_without_node_config,
+                                      _fractional_gpu_resource, _head_type_not_declared,
+                                      _min_workers_over_global_max])
+def test_broken_copies_are_rejected(config, breakage):
+    broken = copy.deepcopy(config)
+    breakage(broken)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        launcher_checks(broken)
+
+
+def test_every_ray_start_opts_out_of_usage_stats(config):
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in commands(config, key) if "ray start" in c]
+    assert len(starts) == 2
+    assert all("--disable-usage-stats" in c for c in starts)
+    assert any("--head" in c for c in starts) and any("--address=$RAY_HEAD_IP:6379" in c for c in starts)
+
+
+PIP_INSTALL = re.compile(r"(?:^|&&|;)\s*(?:\w+=\S+\s+)*pip install ([^;&#\n]*)", re.MULTILINE)
+
+
+def _pip_installs(cmds: list[str]) -> list[list[str]]:
+    """Argument lists of the `pip install` commands, in order (comments and VAR=value prefixes skipped)."""
+    return [shlex.split(args) for cmd in cmds for args in PIP_INSTALL.findall(cmd)]
+
+
+def test_setup_installs_the_pinned_torch_before_the_project(config):
+    installs = _pip_installs(commands(config, "setup_commands"))
+    torch_at = next(i for i, args in enumerate(installs) if any(a.startswith("torch==") for a in args))
+    project_at = next(i for i, args in enumerate(installs) if "-e" in args)
+    assert torch_at < project_at  # otherwise pip resolves torch itself while installing the project
+    pyproject_pin = re.search(r'"(torch==[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pyproject_pin in installs[torch_at]
+
+
+def test_no_deps_packages_match_the_install_script(config):
+    """The packages installed with --no-deps are the same, same versions, as scripts/install.sh's."""
+    [local] = [args for args in _pip_installs([(REPO / "scripts/install.sh").read_text()]) if "--no-deps" in args]
+    [cluster] = [args for args in _pip_installs(commands(config, "setup_commands")) if "--no-deps" in args]
+    strip = lambda args: sorted(a for a in args if not a.startswith("-"))  # noqa: E731
+    assert strip(cluster) == strip(local)
+
+
+def test_mlflow_server_runs_on_the_head_with_sqlite_and_shared_artifacts(config):
+    [server] = [c for c in commands(config, "head_start_ray_commands") if "mlflow server" in c]
+    assert "setsid" in server and "--backend-store-uri sqlite:///" in server
+    destination = re.search(r"--artifacts-destination (\S+)", server).group(1)
+    assert destination.startswith("/mnt/shared/")  # every node must see the artifacts
+    port = re.search(r"--port (\d+)", server).group(1)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in commands(config, key) if "ray start" in c]
+        assert f"MLFLOW_TRACKING_URI=http://" in start and f":{port};" in start
+
+
+def test_code_mount_syncs_the_repo_without_local_state(config):
+    [(remote, local)] = config["file_mounts"].items()
+    assert (REPO / local).resolve() == REPO and remote == "~/sr_ray"
+    assert {".venv", ".git", "runs"} <= set(config["rsync_exclude"])
+    assert any("cd ~/sr_ray" in c and "pip install" in c for c in commands(config, "setup_commands"))
+
+
+def test_head_downloads_every_preset_model(config):
+    """Stages run offline (HF_HUB_OFFLINE=1): each hub model a preset names must be fetched at setup."""
+    presets = sorted((REPO / "configs/presets").glob("*.yaml"))
+    assert presets, "configs/presets/*.yaml missing"
+    setup = " ".join(commands(config, "head_setup_commands"))
+    for preset in presets:
+        model = yaml.safe_load(preset.read_text())["model"]
+        assert model in setup, f"{preset.name}: {model} is not downloaded by head_setup_commands"
