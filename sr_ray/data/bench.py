@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,19 @@ BENCH_SOURCES = ["figstep", "mmvet", "mmsafetybench"]
 BENCH_VARIANTS = ["image", "typo"]
 
 
+def _worker_niceness() -> int:
+    import ray
+
+    return ray.get(ray.remote(lambda: os.nice(0)).remote())
+
+
 def run_data_benchmark(data_dir: str, num_cpus: int | None = None, limit_per_source: int | None = None,
-                       repeat: int = 1) -> dict:
-    """Time the decode/validate/normalise/write stage of both executors on the same rows."""
+                       repeat: int = 1, trials: int = 1) -> dict:
+    """Time the decode/validate/normalise/write stage of both executors on the same rows.
+
+    With `trials` > 1 the two sides alternate (ray, loop, ray, loop, ...) and the medians are
+    reported, which damps bursts from other processes on a shared machine.
+    """
     import ray
 
     cfg = PreprocessConfig(data_dir=data_dir, out_dir="unused", sources=BENCH_SOURCES, variants=BENCH_VARIANTS,
@@ -35,29 +46,37 @@ def run_data_benchmark(data_dir: str, num_cpus: int | None = None, limit_per_sou
     base = read_rows(cfg).rows  # identical driver-side work for both sides: not timed
     rows = [dict(r, id=f"{r['id']}#{k}") for k in range(repeat) for r in base] if repeat > 1 else base
     ensure_ray(num_cpus)  # outside the timing
-    seconds, digests = {}, {}
+    load_before = os.getloadavg()[0]
+    seconds: dict[str, list[float]] = {"ray": [], "loop": []}
+    digests = {}
     with tempfile.TemporaryDirectory(prefix="sr_ray_bench_data_") as tmp:
-        for name, runner in (("ray", run_with_ray), ("loop", run_in_loop)):
-            out = Path(tmp) / name
-            start = time.perf_counter()
-            runner([dict(r) for r in rows], cfg, out / SHARDS)
-            seconds[name] = time.perf_counter() - start
-            digests[name] = summarise_shards(out)["content_sha256"]
+        for trial in range(trials):
+            for name, runner in (("ray", run_with_ray), ("loop", run_in_loop)):
+                out = Path(tmp) / f"{name}{trial}"
+                start = time.perf_counter()
+                runner([dict(r) for r in rows], cfg, out / SHARDS)
+                seconds[name].append(time.perf_counter() - start)
+                digests[name] = summarise_shards(out)["content_sha256"]
+    ray_s, loop_s = statistics.median(seconds["ray"]), statistics.median(seconds["loop"])
     return {
         "rows": len(rows),
-        "ray_seconds": round(seconds["ray"], 3),
-        "loop_seconds": round(seconds["loop"], 3),
-        "ray_rows_per_s": round(len(rows) / seconds["ray"], 2),
-        "loop_rows_per_s": round(len(rows) / seconds["loop"], 2),
-        "speedup": round(seconds["loop"] / seconds["ray"], 3),
+        "ray_seconds": round(ray_s, 3),
+        "loop_seconds": round(loop_s, 3),
+        "ray_rows_per_s": round(len(rows) / ray_s, 2),
+        "loop_rows_per_s": round(len(rows) / loop_s, 2),
+        "speedup": round(loop_s / ray_s, 3),
         "same_output": digests["ray"] == digests["loop"],
+        "trials": {name: [round(t, 3) for t in ts] for name, ts in seconds.items()},
         "sources": BENCH_SOURCES,
         "variants": BENCH_VARIANTS,
         "limit_per_source": limit_per_source,
         "repeat": repeat,
         "ray_cpus": ray.cluster_resources().get("CPU"),
+        "ray_worker_niceness": _worker_niceness(),
         "machine_cpus": os.cpu_count(),
-        "note": "ray.init outside the timing; Ray timed first (pays cold file cache and worker start-up); one run each",
+        "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "note": "ray.init outside the timing; Ray timed first in each trial (pays cold file cache and worker "
+                "start-up); medians over trials; the machine may be shared (see load_avg_1min)",
     }
 
 

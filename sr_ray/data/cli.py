@@ -68,7 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sr_ray.data.bench import run_data_benchmark, write_benchmark
 
     result = run_data_benchmark(args.data_dir, num_cpus=args.num_cpus, limit_per_source=args.limit_per_source,
-                                repeat=args.repeat)
+                                repeat=args.repeat, trials=args.trials)
     write_benchmark(result, args.out)
     print(json.dumps(result, indent=2))
     return 0
@@ -91,4 +91,5 @@ def add_commands(sub, bench) -> None:
     b.add_argument("--num-cpus", type=int, help="CPUs for ray.init (default: all cores)")
     b.add_argument("--limit-per-source", type=int, help="fewer rows (to find where Ray pays off)")
     b.add_argument("--repeat", type=int, default=1, help="replicate the rows N times (to find where Ray pays off)")
+    b.add_argument("--trials", type=int, default=1, help="alternate ray/loop N times, report medians")
     b.set_defaults(func=cmd_bench)

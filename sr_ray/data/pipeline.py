@@ -110,7 +110,12 @@ def keep_rows(batch: pa.Table, quarantined: bool) -> pa.Table:
 
 
 def ensure_ray(num_cpus: int | None) -> None:
-    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one."""
+    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one.
+
+    A local Ray started here runs its workers at normal priority: Ray's default (nice 15) makes
+    them yield to every other process on a shared machine, so a "parallel" run could be slower
+    than the same work in one normal-priority process.
+    """
     import ray
 
     from sr_ray.runtime import ray_runtime_env
@@ -120,6 +125,7 @@ def ensure_ray(num_cpus: int | None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=ray_runtime_env())
     else:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=ray_runtime_env())
 
 
