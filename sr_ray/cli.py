@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "sr_ray.reminder.cli",
     "sr_ray.data.cli",
     "sr_ray.serve.cli",
+    "sr_ray.train.cli",
 ]
 
 
