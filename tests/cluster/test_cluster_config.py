@@ -113,16 +113,21 @@ def test_mlflow_server_runs_on_the_head_with_sqlite_and_shared_artifacts(config)
     destination = re.search(r"--artifacts-destination (\S+)", server).group(1)
     assert destination.startswith("/mnt/shared/")  # every node must see the artifacts
     port = re.search(r"--port (\d+)", server).group(1)
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        [start] = [c for c in commands(config, key) if "ray start" in c]
-        assert f"MLFLOW_TRACKING_URI=http://" in start and f":{port};" in start
+    # where the stages find it: the head's login shell, and the workers' raylet environment
+    assert any(f"MLFLOW_TRACKING_URI=http://" in c and f":{port}" in c for c in commands(config, "head_setup_commands"))
+    [start] = [c for c in commands(config, "worker_start_ray_commands") if "ray start" in c]
+    assert f"MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:{port};" in start
 
 
 def test_code_mount_syncs_the_repo_without_local_state(config):
-    [(remote, local)] = config["file_mounts"].items()
-    assert (REPO / local).resolve() == REPO and remote == "~/sr_ray"
+    assert (REPO / config["file_mounts"]["~/sr_ray"]).resolve() == REPO
     assert {".venv", ".git", "runs"} <= set(config["rsync_exclude"])
     assert any("cd ~/sr_ray" in c and "pip install" in c for c in commands(config, "setup_commands"))
+
+
+def test_every_node_shares_the_ray_auth_token(config):
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("RAY_AUTH_MODE=token" in c and ".bashrc" in c for c in commands(config, "setup_commands"))
 
 
 def test_head_downloads_every_preset_model(config):
