@@ -67,21 +67,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of one stage (shared by `sr-ray <command>` and `pipelines/*.py`)."""
+    default_config = STAGES[command][2]
+    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    p.add_argument("--preset", help="GPU/cluster preset: a name under configs/presets/ or a path")
+    p.add_argument("--model", help="VLM: tiny-llava | tiny-qwen2-vl | smol-llava | hub id | local dir")
+    p.add_argument("--work-dir", help="outputs and the default MLflow store (sqlite:///<work-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="any MLflow tracking URI (default: the sqlite store in --work-dir)")
+    if command == "train":
+        p.add_argument("--num-workers", type=int, help="Ray Train workers")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--run-name", help="reuse a previous run's name to resume it from its last checkpoint")
+    else:
+        p.add_argument("--data-dir", help="preprocessed data (sr-ray preprocess --out)")
+    p.add_argument("--set", type=_assignment, action="append", metavar="KEY=VALUE",
+                   help="override any config field (YAML value), repeatable")
+
+
+COMMANDS = {"rollout": cmd_rollout, "fit-probe": cmd_fit_probe, "train": cmd_train}
+
+
+def pipeline_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry of `pipelines/<stage>.py` (a `ray job submit` entrypoint): the same flags as the subcommand."""
+    from sr_ray.runtime import quiet_third_party
+
+    quiet_third_party()
+    parser = argparse.ArgumentParser(prog=f"pipelines/{command.replace('-', '_')}.py", description=STAGES[command][3])
+    add_stage_arguments(parser, command)
+    return COMMANDS[command](parser.parse_args(argv))
+
+
 def add_commands(sub, bench) -> None:
-    funcs = {"rollout": cmd_rollout, "fit-probe": cmd_fit_probe, "train": cmd_train}
-    for command, (_, _, default_config, help_text) in STAGES.items():
+    for command, (_, _, _, help_text) in STAGES.items():
         p = sub.add_parser(command, help=help_text)
-        p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
-        p.add_argument("--preset", help="GPU/cluster preset: a name under configs/presets/ or a path")
-        p.add_argument("--model", help="VLM: tiny-llava | tiny-qwen2-vl | smol-llava | hub id | local dir")
-        p.add_argument("--work-dir", help="outputs and the default MLflow store (sqlite:///<work-dir>/mlflow.db)")
-        p.add_argument("--tracking-uri", help="any MLflow tracking URI (default: the sqlite store in --work-dir)")
-        if command != "train":
-            p.add_argument("--data-dir", help="preprocessed data (sr-ray preprocess --out)")
-        else:
-            p.add_argument("--num-workers", type=int, help="Ray Train workers")
-            p.add_argument("--epochs", type=int)
-            p.add_argument("--run-name", help="reuse a previous run's name to resume it from its last checkpoint")
-        p.add_argument("--set", type=_assignment, action="append", metavar="KEY=VALUE",
-                       help="override any config field (YAML value), repeatable")
-        p.set_defaults(func=funcs[command])
+        add_stage_arguments(p, command)
+        p.set_defaults(func=COMMANDS[command])

@@ -60,7 +60,7 @@ class StageConfig:
 class RolloutConfig(StageConfig):
     """On-policy rollouts: the base VLM answers the training prompts (Ray Data actor pool)."""
 
-    data_dir: str = "runs/data"  # preprocessed shards (run_preprocess out_dir)
+    data_dir: str | None = None  # preprocessed shards (run_preprocess out_dir); None: <work_dir>/data
     out: str | None = None  # parquet; None: <work_dir>/rollout/rollout.parquet
     harmful: list[RecordSelection] = field(default_factory=lambda: [
         RecordSelection("figstep", "text_inlined"), RecordSelection("mmsafetybench", "text"),
@@ -81,14 +81,14 @@ class RolloutConfig(StageConfig):
 class ProbeFitConfig(StageConfig):
     """Harm probe on final-norm hidden states: PCA-20 -> first 4 -> logistic regression (spec §3)."""
 
-    data_dir: str = "runs/data"
+    data_dir: str | None = None  # None: <work_dir>/data
     out_dir: str | None = None  # None: <work_dir>/probe
     harmful: list[RecordSelection] = field(default_factory=lambda: [RecordSelection("harmful_harmless", train=256)])
     benign: list[RecordSelection] = field(default_factory=lambda: [RecordSelection("harmful_harmless", train=256, val=256)])
     # "prompt_end": last prompt token, text only (official). "soft_token": last soft token after a sampled
     # prefix of the rollout's answer (needs `rollout`), i.e. where the probe is applied at decode time.
     feature: Literal["prompt_end", "soft_token"] = "prompt_end"
-    rollout: str | None = None
+    rollout: str | None = None  # None: <work_dir>/rollout/rollout.parquet
     n_components: int = 20
     top_m: int = 4
     threshold: float = 0.2
@@ -101,9 +101,9 @@ class ProbeFitConfig(StageConfig):
 class SaptConfig(StageConfig):
     """Safety-Activation Prompt Tuning on Ray Train + DeepSpeed (spec §4)."""
 
-    train_data: list[str] = field(default_factory=list)  # rollout parquet / official JSON(L); [] = the rollout
+    train_data: list[str] = field(default_factory=list)  # rollout parquet / official JSON(L); []: <work_dir>/rollout/rollout.parquet
     probe: str | None = None  # probe dir; None: <work_dir>/probe/probe
-    data_dir: str | None = "runs/data"  # for the manifest checksum recorded in the bundle
+    data_dir: str | None = None  # for the manifest checksum recorded in the bundle; None: <work_dir>/data
     out_dir: str | None = None  # None: <work_dir>/sapt (bundle, plots, Ray Train storage)
     # method (paper defaults)
     k: int = 4

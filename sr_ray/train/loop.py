@@ -81,7 +81,8 @@ def train_loop(config: dict) -> None:
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
     os.environ["MLFLOW_RUN_ID"] = config["mlflow_run_id"]  # every attempt logs into the driver's run
-    mlflow = setup_mlflow(tracking_uri=config["tracking_uri"], experiment_name=cfg.experiment, rank_zero_only=True)
+    mlflow = setup_mlflow(tracking_uri=config["tracking_uri"], experiment_name=cfg.experiment,
+                          run_name=config["run_name"], rank_zero_only=True)
 
     def current_prompt() -> SoftPrompt:
         return SoftPrompt(gathered_parameter(engine.module.embeddings), vlm.model_id, cfg.init_text).to(device)
@@ -145,3 +146,6 @@ def _report(engine, prompt, rank: int, metrics: dict) -> None:
             (Path(tmp) / STATE).write_text(json.dumps(
                 {"epoch": metrics["epoch"], "global_step": metrics["global_step"]}, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # Reports reach the controller asynchronously: a worker dying right after `report` could lose this
+    # checkpoint and restart from an older one. Wait until the controller has registered it.
+    ray.train.get_all_reported_checkpoints()

@@ -46,6 +46,10 @@ def plot_training(history: dict[str, list[tuple[int, float]]], path: str | Path,
                 ax.plot(steps, values, label=key.split("/", 1)[1], marker=None if key.startswith("train") else "o", ms=4)
         ax.set(xlabel=xlabel, title=name)
         ax.legend(fontsize=8)
+    for key, color in (("undefended/refusal_rate_harmful", "C0"), ("undefended/flag_rate_harmful", "C2")):
+        if history.get(key):  # the base model without any reminder, for reference
+            axes[2].axhline(history[key][-1][1], ls="--", c=color, lw=1, label=key.replace("/", " "))
+    axes[2].legend(fontsize=8)
     axes[2].set_ylim(-0.05, 1.05)
     fig.suptitle(title)
     fig.tight_layout()

@@ -8,6 +8,7 @@ A row that does not fit is kept aside with a reason (`Quarantined`), never dropp
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 
 from sr_ray.train.config import RecordSelection
 
+log = logging.getLogger(__name__)
 PREFERENCE_COLUMNS = ["id", "source", "split", "prompt", "image", "safe", "chosen", "rejected", "origin"]
 
 
@@ -34,6 +36,8 @@ def select_records(data_dir: str | Path, selections: list[RecordSelection], labe
         records = sorted(
             load_records(data_dir, source=sel.source, variant=sel.variant, split=split, label=label), key=lambda r: r.id
         )
+        if not records:
+            log.warning("selection %s/%s has no %s %s records in %s", sel.source, sel.variant or "*", label, split, data_dir)
         cap = sel.cap(split)
         if cap is not None and len(records) > cap:
             records = random.Random(f"{seed}:{sel.source}:{sel.variant}:{split}:{label}").sample(records, cap)

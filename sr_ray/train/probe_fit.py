@@ -23,7 +23,7 @@ def _prompt_end_rows(cfg: ProbeFitConfig, split: str) -> list[dict]:
 
     rows = []
     for label, selections in (("harmful", cfg.harmful), ("benign", cfg.benign)):
-        for r in select_records(cfg.data_dir, selections, label, split, cfg.seed):
+        for r in select_records(cfg.path(cfg.data_dir, "data"), selections, label, split, cfg.seed):
             rows.append(dict(prompt=r.prompt, answer_prefix="", safe=label == "benign"))
     return rows
 
@@ -34,9 +34,10 @@ def _soft_token_rows(cfg: ProbeFitConfig, split: str) -> list[dict]:
 
     from sr_ray.train.preferences import sample_prefix
 
-    if not cfg.rollout:
-        raise ValueError("feature 'soft_token' needs `rollout` (a rollout parquet with the model's answers)")
-    frame = pd.read_parquet(cfg.rollout, columns=["id", "prompt", "split", "safe", "chosen", "rejected"])
+    rollout = cfg.path(cfg.rollout, "rollout/rollout.parquet")
+    if not rollout.exists():
+        raise FileNotFoundError(f"feature 'soft_token' needs the model's answers: {rollout} (run `sr-ray rollout`)")
+    frame = pd.read_parquet(rollout, columns=["id", "prompt", "split", "safe", "chosen", "rejected"])
     rows = []
     for r in frame[frame["split"] == split].to_dict("records"):
         answer = r["chosen"] if r["safe"] else r["rejected"]

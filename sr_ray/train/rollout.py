@@ -23,11 +23,11 @@ def rollout_requests(cfg: RolloutConfig) -> pd.DataFrame:
     rows = []
     for split in cfg.splits:
         for label, selections in (("harmful", cfg.harmful), ("benign", cfg.benign)):
-            for r in select_records(cfg.data_dir, selections, label, split, cfg.seed):
+            for r in select_records(cfg.path(cfg.data_dir, "data"), selections, label, split, cfg.seed):
                 rows.append(dict(id=r.id, source=r.source, split=split, prompt=r.prompt, image=r.image,
                                  safe=label == "benign"))
     if not rows:
-        raise ValueError(f"no records selected from {cfg.data_dir} for splits {cfg.splits}")
+        raise ValueError(f"no records selected from {cfg.path(cfg.data_dir, 'data')} for splits {cfg.splits}")
     return pd.DataFrame(rows)
 
 

@@ -91,8 +91,10 @@ def log_bundle(bundle_dir: str | Path, name: str, *, run_id: str | None = None, 
     except mlflow.exceptions.MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
-                                          model_id=model.model_id, tags=tags)
+    # The source is the model's artifact location, not `models:/<model_id>`: the sqlite registry resolves the
+    # latter through the process-global tracking URI, which may point at another store.
+    version = client.create_model_version(name, source=client.get_logged_model(model.model_id).artifact_location,
+                                          run_id=run_id, model_id=model.model_id, tags=tags)
     return str(version.version)
 
 
@@ -127,18 +129,24 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
         raise FileNotFoundError(f"reminder bundle {uri!r}: not a directory and not a models:/ URI")
     name, version = _registry_version(uri, tracking_uri)
     cache = Path(cache_dir or os.environ.get("SR_RAY_CACHE") or Path.home() / ".cache" / "sr_ray") / "bundles"
-    final = cache / name / version
+    import hashlib
+
+    from mlflow.tracking import get_tracking_uri
+
+    store = hashlib.sha256((tracking_uri or get_tracking_uri()).encode()).hexdigest()[:12]  # versions are per store
+    final = cache / store / name / version
     if (final / "bundle.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=final.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-                                            tracking_uri=tracking_uri)
-        if not (tmp / "bundle.json").exists():
+        # Through the version's storage location: `models:/` downloads consult the global registry URI.
+        source = _client(tracking_uri).get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
+        if not (local / "bundle.json").exists():
             raise ValueError(f"{uri} (version {version}) is not a reminder bundle: no bundle.json")
         try:
-            os.rename(tmp, final)
+            os.rename(local, final)
         except OSError:  # another process finished the same download first
             pass
     finally:

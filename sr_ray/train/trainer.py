@@ -34,12 +34,11 @@ def split_preferences(prefs: pd.DataFrame, cfg: SaptConfig) -> tuple[pd.DataFram
     return train, val
 
 
-def _data_checksum(data_dir: str | None) -> str:
+def _data_checksum(data_dir: Path) -> str:
+    """The preprocessed data's manifest checksum ("" when training only on official-format files)."""
     from sr_ray.data import manifest_checksum
 
-    if data_dir and (Path(data_dir) / "manifest.json").exists():
-        return manifest_checksum(data_dir)
-    return ""
+    return manifest_checksum(data_dir) if (data_dir / "manifest.json").exists() else ""
 
 
 def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict) -> str:
@@ -103,7 +102,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"sapt": to_dict(cfg), "probe_dir": str(probe_dir), "tracking_uri": tracking_uri,
-                           "mlflow_run_id": run_id},
+                           "mlflow_run_id": run_id, "run_name": run_name},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),  # + 1 GPU if use_gpu
         run_config=RunConfig(name=run_name, storage_path=str(out_dir / "ray"),
@@ -123,7 +122,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     with result.checkpoint.as_directory() as ckpt:
         soft_prompt = SoftPrompt.load(Path(ckpt) / "soft_prompt")
     bundle = ReminderBundle(soft_prompt, probe, soft_prompt.base_model_id, cfg.interval, cfg.threshold,
-                            _data_checksum(cfg.data_dir))
+                            _data_checksum(cfg.path(cfg.data_dir, "data")))
     bundle.save(bundle_dir)
     epochs = [m for _, m in result.best_checkpoints]
     summary = {"run_name": run_name, "run_id": run_id, "ray_storage": result.path, "final": result.metrics,

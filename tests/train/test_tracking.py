@@ -1,0 +1,72 @@
+"""MLflow plumbing: sqlite store, experiment artifact root, and the reminder bundle round trip through the
+model registry (`models:/<name>/<version|latest>` and a plain directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+from sr_ray.train.tracking import default_tracking_uri, ensure_experiment, log_bundle, resolve_bundle, start_run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    return root, default_tracking_uri(root)
+
+
+def make_bundle(directory: Path, seed: int) -> ReminderBundle:
+    g = torch.Generator().manual_seed(seed)
+    bundle = ReminderBundle(SoftPrompt(torch.randn(4, 64, generator=g), "tiny-llava"),
+                            HarmProbe(torch.randn(64, generator=g), 0.3, base_model_id="tiny-llava"),
+                            "tiny-llava", interval=8, threshold=0.25, data_checksum=f"sha-{seed}")
+    bundle.save(directory)
+    return bundle
+
+
+def test_default_store_and_experiment_artifact_root(store):
+    root, uri = store
+    assert uri == f"sqlite:///{root.resolve()}/mlflow.db"
+    from mlflow import MlflowClient
+
+    exp_id = ensure_experiment("exp-a", uri)
+    assert ensure_experiment("exp-a", uri) == exp_id  # idempotent
+    location = MlflowClient(uri).get_experiment(exp_id).artifact_location
+    assert location == (root.resolve() / "mlartifacts" / "exp-a").as_uri()
+
+
+def test_bundle_round_trips_through_the_registry(store, tmp_path):
+    root, uri = store
+    first = make_bundle(tmp_path / "b1", seed=1)
+    second = make_bundle(tmp_path / "b2", seed=2)
+    run_id = start_run(uri, "exp-b", "train", params={"lr": 1e-4, "nested": {"k": 4}})
+    v1 = log_bundle(tmp_path / "b1", "reminder-test", run_id=run_id, tracking_uri=uri)
+    v2 = log_bundle(tmp_path / "b2", "reminder-test", run_id=run_id, tracking_uri=uri)
+    assert (v1, v2) == ("1", "2")
+
+    cache = tmp_path / "cache"
+    for uri_ref, expected in (("models:/reminder-test/1", first), ("models:/reminder-test/latest", second)):
+        local = resolve_bundle(uri_ref, tracking_uri=uri, cache_dir=cache)
+        loaded = ReminderBundle.load(local)
+        assert torch.equal(loaded.soft_prompt.embeddings, expected.soft_prompt.embeddings)
+        assert torch.equal(loaded.probe.weight, expected.probe.weight)
+        assert loaded.describe() == expected.describe()
+    assert resolve_bundle(str(tmp_path / "b1")) == (tmp_path / "b1").resolve()  # a directory passes through
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    version = client.get_model_version("reminder-test", "1")
+    assert version.run_id == run_id
+    assert client.get_run(run_id).data.params["nested.k"] == "4"
+
+
+def test_resolve_bundle_errors(store, tmp_path):
+    _, uri = store
+    with pytest.raises(FileNotFoundError, match="not a directory and not a models:/ URI"):
+        resolve_bundle(str(tmp_path / "missing"))
+    with pytest.raises(Exception, match="no-such-model"):
+        resolve_bundle("models:/no-such-model/latest", tracking_uri=uri)
