@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "sr_ray.data.cli",
     "sr_ray.serve.cli",
     "sr_ray.train.cli",
+    "sr_ray.eval.cli",
 ]
 
 
