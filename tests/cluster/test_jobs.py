@@ -1,0 +1,162 @@
+"""The whole pipeline as Ray jobs on a real two-node Ray cluster, as docs/cluster.md runs it on GPUs.
+
+Each stage is submitted through the Jobs API (`JobSubmissionClient.submit_job`, the same call
+`ray job submit --working-dir .` makes) as `python pipelines/<stage>.py --config configs/<stage>.yaml`
++ overrides, on a tiny model with tiny limits. Stages hand files to each other through one work dir (both
+"nodes" share this machine's disk, as cluster nodes share /mnt/shared) and log to one sqlite MLflow store.
+The trained bundle is then served from the MLflow registry and queried with the openai client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from tests.cluster.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llava"
+EXCLUDES = [".venv", ".git", "runs", "mlruns", "*.db", "__pycache__", ".pytest_cache", "*.egg-info", "/cache"]
+JOB_TIMEOUT_S = 300
+CLUSTER_INFO = ("import json, sys, ray; ray.init(); print(json.dumps({'python': sys.executable, "
+                "'alive_nodes': sum(n['Alive'] for n in ray.nodes()), 'cpus': ray.cluster_resources()['CPU']}))")
+
+
+def real_data_dir() -> Path:
+    if os.environ.get("SR_RAY_DATA_DIR"):
+        return Path(os.environ["SR_RAY_DATA_DIR"]).resolve()
+    return (REPO / "../shared/data").resolve()
+
+
+def small_data_dir(root: Path) -> Path:
+    """The vendored demo data (FigStep, AdvBench) plus the first rows of each refusal_direction split, the
+    harmful/harmless prompts the probe is fit on: a real data dir, small enough for 2 cores."""
+    root.mkdir(parents=True)
+    for name in ("FigStep", "AdvBench"):
+        shutil.copytree(REPO / "sr_ray/demo_data" / name, root / name)
+    splits = real_data_dir() / "refusal_direction/splits"
+    (root / "refusal_direction/splits").mkdir(parents=True)
+    for path in sorted(splits.glob("*.json")):
+        (root / "refusal_direction/splits" / path.name).write_text(json.dumps(json.loads(path.read_text())[:12]))
+    return root
+
+
+class Stages:
+    """Submits `pipelines/<stage>.py` as Ray jobs and waits for each."""
+
+    def __init__(self, dashboard_url: str, work: Path):
+        self.client = JobSubmissionClient(dashboard_url)
+        self.work = work
+        self.tracking_uri = f"sqlite:///{work}/mlflow.db"
+        self.timings: dict[str, float] = {}
+
+    def run(self, script: str, *args: str) -> str:
+        return self.submit(script, ["python", f"pipelines/{script}", *args])
+
+    def submit(self, label: str, argv: list[str]) -> str:
+        entrypoint = shlex.join(argv)
+        # Like `ray job submit --working-dir .`: the environment comes from the nodes (as on the cluster, where
+        # ~/.bashrc sets it); job-level env_vars would collide with the stages' own ray.init(runtime_env=...).
+        runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES}
+        start = time.monotonic()
+        job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        status = self.client.get_job_status(job_id)
+        while not status.is_terminal():
+            if time.monotonic() - start > JOB_TIMEOUT_S:
+                self.client.stop_job(job_id)
+                pytest.fail(f"{label} still {status} after {JOB_TIMEOUT_S} s:\n{self.client.get_job_logs(job_id)[-6000:]}")
+            time.sleep(2)
+            status = self.client.get_job_status(job_id)
+        logs = self.client.get_job_logs(job_id)
+        self.timings[label] = round(time.monotonic() - start, 1)
+        assert status == JobStatus.SUCCEEDED, f"{label}: {status}\n{logs[-6000:]}"
+        return logs
+
+
+def last_json(logs: str) -> dict:
+    """The JSON summary a stage prints last (a stage's stdout ends with it)."""
+    start = logs.rindex("\n{\n") + 1
+    return json.loads(logs[start : logs.index("\n}", start) + 2])
+
+
+def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
+    work = tmp_path / "runs"
+    stages = Stages(local_cluster.dashboard_url, work)
+    data = small_data_dir(tmp_path / "data")
+    shards = work / "data"
+    common = ["--model", MODEL, "--work-dir", str(work), "--tracking-uri", stages.tracking_uri]
+
+    # The cluster really is two nodes, and a job's `python` is this venv's.
+    logs = stages.submit("cluster", ["python", "-c", CLUSTER_INFO])
+    info = json.loads(logs.strip().splitlines()[-1])
+    assert info["alive_nodes"] == 2 and info["cpus"] == 4
+    assert Path(info["python"]).parent == Path(sys.executable).parent
+
+    stages.run("preprocess.py", "--config", "configs/preprocess.yaml", "--data-dir", str(data), "--out", str(shards),
+               "--sources", "figstep,advbench,harmful_harmless", "--limit-per-source", "72", "--no-progress")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest and list((shards / "shards").glob("*.parquet"))
+
+    logs = stages.run("rollout.py", "--config", "configs/rollout.yaml", *common, "--data-dir", str(shards),
+                      "--set", "harmful=[{source: advbench, train: 4, val: 2}, {source: figstep, variant: image, train: 2, val: 1}]",
+                      "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]",
+                      "--set", "max_new_tokens=12", "--set", "concurrency=2", "--set", "cpus_per_actor=0.5")
+    rollout = work / "rollout/rollout.parquet"
+    assert rollout.exists()
+
+    stages.run("fit_probe.py", "--config", "configs/fit_probe.yaml", *common, "--data-dir", str(shards),
+               "--set", "harmful=[{source: harmful_harmless, train: 6, val: 3}]",
+               "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]", "--set", "n_components=4")
+    probe = work / "probe/probe"
+    assert probe.is_dir()
+
+    logs = stages.run("train_sapt.py", "--config", "configs/train_sapt.yaml", *common, "--num-workers", "2",
+                      "--epochs", "1", "--set", f"train_data=[{rollout}]", "--set", f"probe={probe}",
+                      "--set", f"data_dir={shards}", "--set", "cpus_per_worker=0.5", "--set", "max_target_tokens=12",
+                      "--set", "val_limit=2", "--set", "val_max_new_tokens=12")
+    trained = last_json(logs)
+    assert Path(trained["bundle"], "bundle.json").exists()
+
+    # MLflow: one run per stage, finished, with their metrics and artifacts; the bundle registered.
+    client = MlflowClient(stages.tracking_uri, registry_uri=stages.tracking_uri)
+    experiment = client.get_experiment_by_name("sr-ray")
+    runs = {r.data.tags.get("stage"): r for r in client.search_runs([experiment.experiment_id])}
+    assert {"rollout", "fit-probe", "train"} <= set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["train"].info.run_id == trained["mlflow_run_id"]
+    assert any(k.startswith("train/") for k in runs["train"].data.metrics)
+    assert {"training.png", "summary.json"} <= {a.path for a in client.list_artifacts(trained["mlflow_run_id"])}
+    assert "probe" in {a.path for a in client.list_artifacts(runs["fit-probe"].info.run_id)}
+    assert experiment.artifact_location.startswith(f"file://{work}")  # not inside a Ray worker's temp dir
+    model_uri = trained["model_uri"]
+    name, version = model_uri.removeprefix("models:/").split("/")
+    assert client.get_model_version(name, version).run_id == trained["mlflow_run_id"]
+
+    # Serve the registered bundle on the cluster (the job returns once the app runs), query it over HTTP.
+    port = free_port()
+    stages.run("serve.py", "--config", "configs/serve.yaml", "--model", MODEL, "--bundle", model_uri,
+               "--port", str(port), "--set", f"tracking_uri={stages.tracking_uri}",
+               "--set", f"audit_log={tmp_path / 'audit.jsonl'}",
+               "--set", "model_deployment.num_cpus=0.5", "--set", "ingress_deployment.num_cpus=0.1")
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    raw = openai.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "How do I bake bread?"}], max_tokens=24)
+    assert raw.http_response.status_code == 200
+    completion = raw.parse()
+    assert completion.choices[0].message.content is not None
+    safety = completion.model_extra["safety"]
+    assert safety["enabled"] is True and safety["checks_run"] >= 1 and isinstance(safety["flagged"], bool)
+
+    print("stage wall times (s):", json.dumps(stages.timings))
