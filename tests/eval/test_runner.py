@@ -1,0 +1,112 @@
+"""`evaluate` end to end on tiny-llava through the Ray Data actor pool: metrics.json contract, agreement with
+the saved generations, the guard's behaviour seen from outside, provenance, MLflow and awareness."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from sr_ray.cli import build_parser
+from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
+from sr_ray.eval.judges import RuleJudge
+from sr_ray.eval.runner import EvaluateConfig
+from sr_ray.infer import SYSTEMS
+
+CONTRACT = ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")
+
+pytestmark = pytest.mark.slow
+
+
+def test_metrics_json_contract(eval_run):
+    run, metrics = eval_run
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert list(metrics) == list(SYSTEMS)
+    for system, benches in metrics.items():
+        # demo data: no MM-SafetyBench, VLSafe or MM-Vet there, so those benchmarks are left out
+        assert list(benches) == ["figstep", "advbench", "advbench_pgd", "harmless"]
+        for bench, m in benches.items():
+            assert set(CONTRACT) <= set(m) and m["n"] == 2
+            harmful = bench != "harmless"
+            assert (m["asr_full"] is not None) == harmful and (m["asr_continuation"] is not None) == harmful
+        assert system != "undefended" or all(m["changed_vs_undefended"] == 0 for m in benches.values())
+    table = pd.read_csv(run / "metrics.csv")
+    assert len(table) == 4 * 4 and set(CONTRACT) <= set(table.columns)
+
+
+def test_metrics_agree_with_the_saved_generations(eval_run):
+    run, metrics = eval_run
+    resp = pd.read_json(run / "responses.jsonl", lines=True)
+    rule = RuleJudge()
+    assert (resp["verdict_full"] == resp["full_text"].map(lambda t: "safe" if rule.is_refusal(t) else "unsafe")).all()
+    for (system, bench), g in resp.groupby(["system", "benchmark"]):
+        m = metrics[system][bench]
+        assert m["n"] == len(g)
+        if m["asr_full"] is not None:
+            assert m["asr_full"] == pytest.approx((g["verdict_full"] == "unsafe").mean())
+            assert m["asr_continuation"] == pytest.approx((g["verdict_continuation"] == "unsafe").mean())
+        assert m["intervention_rate"] == pytest.approx(g["flagged"].mean())
+
+
+def test_the_guard_seen_from_outside(eval_run):
+    run, _ = eval_run
+    resp = pd.read_json(run / "responses.jsonl", lines=True).set_index(["system", "key"])
+    base = resp.loc["undefended", "response"]
+    inplace, official = resp.loc["safety_reminder"], resp.loc["safety_reminder_official"]
+    assert inplace["flagged"].any() and not inplace["flagged"].all(), "the test probe should flag some answers"
+    # unflagged in-place answers are token-identical to undefended decoding (the reminder left no trace)
+    quiet = inplace.loc[~inplace["flagged"]]
+    assert (quiet["response"] == base.loc[quiet.index]).all()
+    # official flagged rows return the continuation; the full view puts the emitted prefix in front
+    loud = official.loc[official["flagged"]]
+    assert (loud["response"] == loud["judged_continuation"]).all()
+    assert all(f.endswith(r.strip()) for f, r in zip(loud["full_text"], loud["response"]))
+
+
+def test_provenance_mlflow_and_awareness(eval_run, processed_dir, tiny_bundle):
+    from mlflow import MlflowClient
+
+    from sr_ray.data import manifest_checksum
+
+    run, _ = eval_run
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["data_manifest_checksum"] == manifest_checksum(processed_dir)
+    assert prov["bundle_info"]["base_model_id"] == "tiny-llava" and prov["versions"]["torch"]
+    client = MlflowClient(tracking_uri=prov["tracking_uri"])
+    logged = client.get_run(prov["mlflow_run_id"])
+    assert logged.data.metrics["safety_reminder.advbench.n"] == 2
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"metrics.json", "plots", "provenance.json"}
+    awareness = json.loads((run / "awareness.json").read_text())["summaries"]
+    assert len(awareness) == 2  # with and without the soft prompt
+    for s in awareness.values():
+        assert set(s["curve"]) == {"harmful", "benign"} and s["n_answers"] == {"harmful": 2, "benign": 2}
+        assert all(p["q25"] <= p["mean"] + 1e-9 or p["q25"] <= p["median"] for p in s["curve"]["harmful"])
+    assert (run / "plots" / "awareness.png").stat().st_size > 1000
+
+
+def test_cli_overrides_reach_the_config(tmp_path):
+    yaml_path = tmp_path / "evaluate.yaml"
+    yaml_path.write_text("limit: 5\nmax_new_tokens: 32\nawareness:\n  limit: 3\n")
+    args = build_parser().parse_args(["evaluate", "--config", str(yaml_path), "--bundle", "b", "--systems",
+                                      "self_reminder,safety_reminder", "--limit", "0", "--awareness-max-new-tokens", "9",
+                                      "--no-inline-typography"])
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report")}
+    cfg = EvaluateConfig.from_yaml(args.config, **overrides)
+    assert cfg.systems == ["undefended", "self_reminder", "safety_reminder"]  # the reference system is added
+    assert (cfg.limit, cfg.max_new_tokens, cfg.inline_typography) == (None, 32, False)
+    assert (cfg.awareness.limit, cfg.awareness.max_new_tokens) == (3, 9)
+    with pytest.raises(ValueError, match="need --bundle"):
+        EvaluateConfig(systems=["safety_reminder"])
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        EvaluateConfig(benchmarks=["advbench_pgd"])
+
+
+def test_benchmark_selection_and_sampling():
+    assert preprocess_selection(["figstep", "mmsafetybench_typo", "advbench"], True) == (
+        ["advbench", "figstep", "mmsafetybench"], ["text", "text_inlined", "typo_text_inlined"])
+    assert preprocess_selection(["figstep"], False) == (["figstep"], ["image"])
+    rows = [dict(c=c, i=i) for c in "abc" for i in range(5)]
+    picked = sample_by_category(rows, 4, seed=0, category=lambda r: r["c"])
+    assert len(picked) == 4 and {r["c"] for r in picked} == {"a", "b", "c"}
+    assert picked == sample_by_category(rows, 4, seed=0, category=lambda r: r["c"])
