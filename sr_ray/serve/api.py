@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sr_ray.models import Prompt
 from sr_ray.reminder import SamplingConfig
@@ -36,7 +37,8 @@ from sr_ray.serve.protocol import (
 logger = logging.getLogger("sr_ray.serve")
 Generate = Callable[[GenerationJob], AsyncIterator[Admission | Chunk]]
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 500: "server_error", 504: "timeout"}
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               500: "server_error", 504: "timeout"}
 
 
 def error_response(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
@@ -123,7 +125,7 @@ def stop_list(stop: str | list[str] | None, limits: Limits) -> list[str]:
     return stops
 
 
-def create_api(cfg: ServeConfig, generate: Generate) -> FastAPI:
+def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseException], ...] = ()) -> FastAPI:
     app = FastAPI(title="sr_ray guarded VLM", version="0.1.0",
                   description="OpenAI-compatible chat completions guarded by SafetyReminder (see docs/api.md)")
     metrics, audit = ServeMetrics(), AuditLog(cfg.audit_log)
@@ -140,6 +142,12 @@ def create_api(cfg: ServeConfig, generate: Generate) -> FastAPI:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         return error_response(400, f"{where + ': ' if where else ''}{err.get('msg')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):  # unparsable body, unknown route, 405...
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.get("/health", response_model=Health)
     async def health():
@@ -174,12 +182,9 @@ def create_api(cfg: ServeConfig, generate: Generate) -> FastAPI:
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                                   "description": "the completion, or SSE chunks with stream=true"}})
     async def chat(body: ChatCompletionRequest, request: Request):
-        call = Call(body, request.state.principal, metrics, audit)
+        call = Call(body, request.state.principal, metrics, audit, generate, retry_on, limits.request_timeout_s)
         try:
-            items = generate(await build_job(body, call.principal))
-            admission = await asyncio.wait_for(anext(items), limits.request_timeout_s)
-            if admission.error:
-                raise PolicyError(400, admission.error, param="messages")
+            await call.admit(await build_job(body, call.principal))
         except (PolicyError, ImageError) as err:
             return call.refuse(err.status, str(err), getattr(err, "type", None), getattr(err, "param", None))
         except TimeoutError:
@@ -187,32 +192,90 @@ def create_api(cfg: ServeConfig, generate: Generate) -> FastAPI:
         except Exception as err:  # noqa: BLE001 (a replica failure is a 500 with an audit record, not a crash)
             logger.exception("chat completion %s failed", call.request_id)
             return call.refuse(500, f"internal error: {type(err).__name__}")
-        call.prompt_tokens = admission.prompt_tokens
-        chunks = call.chunks(items, limits.request_timeout_s)
-        return StreamingResponse(call.sse(chunks), media_type="text/event-stream", headers=call.headers) \
-            if body.stream else await call.complete(chunks)
+        if body.stream:
+            return StreamingResponse(call.sse(), media_type="text/event-stream", headers=call.headers)
+        return await call.complete()
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's schema, stating this server's facts: model name, max_tokens, bearer auth, no 422s."""
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+            request["model"]["enum"] = [cfg.model_name]
+            for name in ("max_tokens", "max_completion_tokens"):
+                request[name]["anyOf"][0]["maximum"] = limits.max_tokens
+            if cfg.api_keys:
+                schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            for route, path in schema["paths"].items():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+                    if cfg.api_keys and route.startswith("/v1/"):
+                        operation["security"] = [{"apiKey": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
 class Call:
-    """One chat completion in flight: its ids, the text released so far, metrics and the audit record."""
+    """One chat completion in flight: ids, deadline, the text released so far, metrics and the audit record.
 
-    def __init__(self, body: ChatCompletionRequest, principal, metrics: ServeMetrics, audit: AuditLog):
+    If a model replica is lost (`retry_on`) before any text reached the client (always true for a plain
+    response, which is sent whole), the request is re-sent once; the client never sees the retry.
+    """
+
+    def __init__(self, body: ChatCompletionRequest, principal, metrics: ServeMetrics, audit: AuditLog,
+                 generate: Generate, retry_on: tuple[type[BaseException], ...], timeout_s: float):
         self.body, self.principal, self.metrics, self.audit = body, principal, metrics, audit
+        self.generate, self.retry_on, self.timeout_s = generate, retry_on, timeout_s
         self.t0 = time.perf_counter()
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.headers = {"x-request-id": self.request_id}
         self.base = dict(id=self.request_id, created=int(time.time()), model=body.model)
         self.prompt_tokens = 0
         self.parts: list[str] = []
+        self.delivered = self.retried = False
         metrics.in_flight.inc()
 
-    async def chunks(self, items: AsyncIterator, timeout_s: float) -> AsyncIterator[Chunk]:
+    async def _next(self):
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        return await asyncio.wait_for(anext(self.items), max(0.0, self.deadline - loop.time()))
+
+    async def _start(self) -> None:
+        self.parts.clear()
+        self.items = self.generate(self.job)
+        admission: Admission = await self._next()
+        if admission.error:
+            raise PolicyError(400, admission.error, param="messages")
+        self.prompt_tokens = admission.prompt_tokens
+
+    def _may_retry(self, err: BaseException) -> bool:
+        if self.delivered or self.retried:
+            return False
+        self.retried = True
+        logger.warning("chat completion %s: model replica lost (%s), re-sending", self.request_id, err)
+        return True
+
+    async def admit(self, job: GenerationJob) -> None:
+        self.job, self.deadline = job, asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            await self._start()
+        except self.retry_on as err:
+            if not self._may_retry(err):
+                raise
+            await self._start()
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
         while True:
-            chunk = await asyncio.wait_for(anext(items), max(0.0, deadline - loop.time()))
+            try:
+                chunk: Chunk = await self._next()
+            except self.retry_on as err:
+                if not self._may_retry(err):
+                    raise
+                await self._start()
+                continue
             self.parts.append(chunk.text)
             yield chunk
             if chunk.finish_reason is not None:
@@ -229,7 +292,8 @@ class Call:
             status=status, reason=reason, latency_s=round(latency, 4), guard=safety.get("enabled"),
             stream_mode=safety.get("stream_mode"), flagged=safety.get("flagged"), flagged_at=safety.get("flagged_at"),
             p_safe_at_flag=safety.get("p_safe_at_flag"), checks_run=safety.get("checks_run"),
-            finish_reason=final.finish_reason if final else None, prompt_tokens=self.prompt_tokens,
+            finish_reason=final.finish_reason if final else None, retried=self.retried,
+            prompt_tokens=self.prompt_tokens,
             completion_tokens=final.completion_tokens if final else 0,
             emitted_sha256=sha256_hex(text), emitted_chars=len(text)))
 
@@ -241,10 +305,10 @@ class Call:
         n = final.completion_tokens
         return dict(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
 
-    async def complete(self, chunks: AsyncIterator[Chunk]) -> JSONResponse:
+    async def complete(self) -> JSONResponse:
         final = None
         try:
-            async for final in chunks:
+            async for final in self.chunks():
                 pass
         except TimeoutError:
             return self.refuse(504, "generation exceeded the request timeout")
@@ -260,16 +324,16 @@ class Call:
     def event(self, **fields) -> str:
         return f"data: {ChatCompletionChunk(**self.base, **fields).model_dump_json(exclude_none=True)}\n\n"
 
-    async def sse(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+    async def sse(self) -> AsyncIterator[str]:
         """OpenAI SSE: a role chunk, content chunks, a finish chunk with `safety`, [usage], [DONE]."""
-        status, final, reason, first = 499, None, "client disconnected", None
+        status, final, reason = 499, None, "client disconnected"
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         try:
             yield self.event(choices=[{"delta": {"role": "assistant", "content": ""}}])
-            async for final in chunks:
-                if final.text and first is None:
-                    first = time.perf_counter()
-                    self.metrics.first_token.labels("true").observe(first - self.t0)
+            async for final in self.chunks():
+                if final.text and not self.delivered:  # from here on a replica loss cannot be retried
+                    self.delivered = True
+                    self.metrics.first_token.labels("true").observe(time.perf_counter() - self.t0)
                 done = final.finish_reason is not None
                 yield self.event(choices=[{"delta": {"content": final.text}, "finish_reason": final.finish_reason}],
                                  safety=final.safety if done else None)
@@ -281,6 +345,7 @@ class Call:
             status, reason = (504, "timeout") if isinstance(err, TimeoutError) else (500, type(err).__name__)
             if status == 500:
                 logger.exception("chat completion %s failed mid-stream", self.request_id)
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {reason}', 'type': ERROR_TYPES[status]}})}\n\n"
+            error = {"message": f"generation failed: {reason}", "type": ERROR_TYPES[status]}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.finish(status, final if status == 200 else None, reason)

@@ -3,13 +3,12 @@
     client --HTTP--> Serve proxy --> GuardedIngress (auth, validation, SSE, metrics, audit)
                                          --handle, streaming--> GuardedModel (VLM + reminder, @serve.batch)
 
-The ingress re-sends a request to another model replica when the one serving it dies before any text was
-released (nothing reached the client yet, so the retry is invisible); after that the stream fails.
+The ingress re-sends a request to another model replica when the one serving it dies before any text
+reached the client (see `api.Call`); a stream that already showed text fails with an in-band error.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 
 import ray
@@ -20,10 +19,8 @@ from ray.serve.handle import DeploymentHandle
 from sr_ray.runtime import quiet_third_party, ray_runtime_env
 from sr_ray.serve.api import create_api
 from sr_ray.serve.config import ServeConfig
-from sr_ray.serve.holdback import Chunk
-from sr_ray.serve.model import Admission, GenerationJob, GuardedModel
+from sr_ray.serve.model import GenerationJob, GuardedModel
 
-logger = logging.getLogger("sr_ray.serve")
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
@@ -34,25 +31,10 @@ class GuardedIngress:
         self.cfg, self.model = cfg, model.options(stream=True)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.cfg, self.generate)
+        return create_api(self.cfg, self.generate, retry_on=REPLICA_LOST)
 
-    async def generate(self, job: GenerationJob):
-        for attempt in (1, 2):
-            released = admitted = False
-            try:
-                async for item in self.model.generate.remote(job):
-                    if isinstance(item, Admission):
-                        if admitted:  # a retry: the caller already has the admission
-                            continue
-                        admitted = True
-                    elif isinstance(item, Chunk) and item.text:
-                        released = True
-                    yield item
-                return
-            except REPLICA_LOST as err:
-                if released or attempt == 2:
-                    raise
-                logger.warning("model replica lost before any text was released, retrying: %s", err)
+    def generate(self, job: GenerationJob):
+        return self.model.generate.remote(job)
 
 
 def build_app(cfg: ServeConfig):

@@ -51,15 +51,14 @@ class Releaser:
         if self.done:
             return None
         self.held.extend(event.tokens)
+        if not self.hold_back or not self.guarded or self.flag is not None:
+            self._release()  # nothing to wait for: stream as the tokens come
         if event.check is not None:
             self.checks.append(event.check)
             if event.check.flagged and self.flag is None:
                 self.flag = event.check
+                self.dropped, self.held = len(self.held), []  # the unchecked tail never leaves
                 self.released_before_flag = len(self.released)
-                if self.hold_back:
-                    self.dropped, self.held = len(self.held), []
-            self._release()
-        if not self.hold_back or not self.guarded or self.flag is not None:
             self._release()
         if event.output is not None:
             # The engine checks the tail before EOS (check_at_end), so what is still held here was covered

@@ -29,7 +29,7 @@ from PIL import Image
 
 from sr_ray.data.images import ImageLimits, ImageRejected, normalise_image_bytes
 
-DATA_URL = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+)?(?P<params>(;[a-z0-9=._-]+)*);base64,(?P<data>.*)$", re.I | re.S)
+DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=._-]+)*;base64,(?P<data>.*)$", re.I | re.S)
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 

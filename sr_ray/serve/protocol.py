@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """JSON types as OpenAI documents them: no coercion ("16" is not an int), no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---- request ------------------------------------------------------------------------------------
@@ -167,6 +169,7 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "invalid request", 401: "missing or unknown API key", 403: "not allowed for this key",
-        404: "unknown model", 413: "body or image too large", 504: "generation timed out",
+        404: "unknown model", 413: "body or image too large", 500: "internal error",
+        504: "generation timed out",
     }.items()
 }

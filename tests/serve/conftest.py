@@ -1,0 +1,45 @@
+"""Serve fixtures: tiny-llava reminder bundles with a constant probe, images as data URLs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+
+def constant_probe_bundle(vlm, directory, bias: float, interval: int = 4):
+    """A bundle whose probe ignores the hidden state: P(safe) = sigmoid(bias) at every check."""
+    from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+
+    probe = HarmProbe(torch.zeros(vlm.hidden_size), bias=bias, base_model_id=vlm.model_id)
+    return ReminderBundle(SoftPrompt.from_text(vlm), probe, vlm.model_id, interval=interval).save(directory)
+
+
+def png_bytes(size=(24, 24), color="red", fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries almost no data (a decompression-bomb header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from sr_ray.models import load_vlm
+
+    return load_vlm("tiny-llava")
