@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import list_actors
 
 from tests.cluster.conftest import REPO, free_port
 
@@ -112,13 +114,17 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
                       "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]",
                       "--set", "max_new_tokens=12", "--set", "concurrency=2", "--set", "cpus_per_actor=0.5")
     rollout = work / "rollout/rollout.parquet"
-    assert rollout.exists()
+    answers = pd.read_parquet(rollout)
+    assert answers.groupby(["split", "safe"]).size().to_dict() == {
+        ("train", False): 6, ("train", True): 6, ("val", False): 3, ("val", True): 3}
+    assert answers["response"].str.len().gt(0).all()
 
     stages.run("fit_probe.py", "--config", "configs/fit_probe.yaml", *common, "--data-dir", str(shards),
                "--set", "harmful=[{source: harmful_harmless, train: 6, val: 3}]",
                "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]", "--set", "n_components=4")
     probe = work / "probe/probe"
-    assert probe.is_dir()
+    probe_metrics = json.loads((work / "probe/metrics.json").read_text())
+    assert probe_metrics["train/n"] == 12 and probe_metrics["val/n"] == 6 and 0 <= probe_metrics["val/auc"] <= 1
 
     logs = stages.run("train_sapt.py", "--config", "configs/train_sapt.yaml", *common, "--num-workers", "2",
                       "--epochs", "1", "--set", f"train_data=[{rollout}]", "--set", f"probe={probe}",
@@ -126,6 +132,7 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
                       "--set", "val_limit=2", "--set", "val_max_new_tokens=12")
     trained = last_json(logs)
     assert Path(trained["bundle"], "bundle.json").exists()
+    assert "train/total_loss" in trained["final"] and any(k.startswith("val/") for k in trained["final"])
 
     # MLflow: one run per stage, finished, with their metrics and artifacts; the bundle registered.
     client = MlflowClient(stages.tracking_uri, registry_uri=stages.tracking_uri)
@@ -134,7 +141,8 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     assert {"rollout", "fit-probe", "train"} <= set(runs)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["train"].info.run_id == trained["mlflow_run_id"]
-    assert any(k.startswith("train/") for k in runs["train"].data.metrics)
+    steps = client.get_metric_history(trained["mlflow_run_id"], "train/total_loss")
+    assert [m.step for m in steps] == [1, 2, 3]  # 12 train rows / batch 4, one epoch, logged by rank 0 only
     assert {"training.png", "summary.json"} <= {a.path for a in client.list_artifacts(trained["mlflow_run_id"])}
     assert "probe" in {a.path for a in client.list_artifacts(runs["fit-probe"].info.run_id)}
     assert experiment.artifact_location.startswith(f"file://{work}")  # not inside a Ray worker's temp dir
@@ -159,4 +167,12 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     safety = completion.model_extra["safety"]
     assert safety["enabled"] is True and safety["checks_run"] >= 1 and isinstance(safety["flagged"], bool)
 
+    # The jobs' actors (Ray Data pools, Ray Train workers, Serve replicas and proxies) ran on both nodes.
+    actors = list_actors(address=local_cluster.dashboard_url, limit=1000, detail=True)
+    placed: dict[str, set[str]] = {}
+    for actor in actors:
+        if actor.node_id:  # None: never placed
+            placed.setdefault(actor.class_name, set()).add(actor.node_id)
+    assert len({node for nodes in placed.values() for node in nodes}) == 2, placed
+    print("nodes per actor class:", {name: len(nodes) for name, nodes in sorted(placed.items())})
     print("stage wall times (s):", json.dumps(stages.timings))
