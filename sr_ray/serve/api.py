@@ -48,10 +48,15 @@ def error_response(status: int, message: str, type_: str | None = None, param: s
 
 
 class Gatekeeper:
-    """ASGI middleware for `/v1/`: authenticate, and refuse bodies above `max_body_bytes` (413)."""
+    """ASGI middleware for `/v1/`: authenticate, and refuse bodies above `max_body_bytes` (413).
+    Refusals are reported to `on_refusal(status, path, reason)` (metrics and the audit log)."""
 
-    def __init__(self, app, keys, max_body_bytes: int):
-        self.app, self.keys, self.max_body_bytes = app, keys, max_body_bytes
+    def __init__(self, app, keys, max_body_bytes: int, on_refusal: Callable[[int, str, str], None]):
+        self.app, self.keys, self.max_body_bytes, self.on_refusal = app, keys, max_body_bytes, on_refusal
+
+    async def refuse(self, scope, receive, send, status: int, message: str, type_: str | None = None):
+        self.on_refusal(status, scope["path"], message)
+        await error_response(status, message, type_)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
@@ -61,13 +66,13 @@ class Gatekeeper:
         try:
             principal = authenticate(headers.get("authorization"), self.keys)
         except PolicyError as err:
-            return await error_response(err.status, err.message, err.type)(scope, receive, send)
+            return await self.refuse(scope, receive, send, err.status, err.message, err.type)
         scope.setdefault("state", {})["principal"] = principal
-        too_large = error_response(413, f"request body above the limit of {self.max_body_bytes} bytes")
+        too_large = f"request body above the limit of {self.max_body_bytes} bytes"
         if not headers.get("content-length", "0").isdigit():
-            return await error_response(400, "invalid Content-Length header")(scope, receive, send)
+            return await self.refuse(scope, receive, send, 400, "invalid Content-Length header")
         if int(headers.get("content-length", "0")) > self.max_body_bytes:
-            return await too_large(scope, receive, send)
+            return await self.refuse(scope, receive, send, 413, too_large)
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -76,7 +81,7 @@ class Gatekeeper:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                return await too_large(scope, receive, send)
+                return await self.refuse(scope, receive, send, 413, too_large)
         replayed = False
 
         async def replay():
@@ -134,7 +139,12 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
                                cfg.images.allow_remote, tuple(h.lower() for h in cfg.images.allowed_hosts),
                                cfg.images.timeout_s)
     reminder_loaded, started = bool(cfg.bundle or cfg.probe), int(time.time())
-    app.add_middleware(Gatekeeper, keys=cfg.api_keys, max_body_bytes=limits.max_body_bytes)
+
+    def gate_refused(status: int, path: str, reason: str) -> None:
+        metrics.requests.labels(str(status), "unknown").inc()
+        audit.write(dict(request_id=f"gate-{uuid.uuid4().hex}", key_id=None, path=path, status=status, reason=reason))
+
+    app.add_middleware(Gatekeeper, keys=cfg.api_keys, max_body_bytes=limits.max_body_bytes, on_refusal=gate_refused)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
