@@ -99,9 +99,8 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     build = _prompt_end_rows if cfg.feature == "prompt_end" else _soft_token_rows
     splits = {split: build(cfg, split) for split in ("train", "val")}
-    for split, rows in splits.items():
-        if len({r["safe"] for r in rows}) < 2 and split == "train":
-            raise ValueError(f"probe {split} split needs harmful and harmless rows, got {len(rows)} of one kind")
+    if len({r["safe"] for r in splits["train"]}) < 2:
+        raise ValueError(f"the probe's train split needs harmful and harmless rows, got {len(splits['train'])} of one kind")
     if not ray.is_initialized():
         ray.init(runtime_env=ray_runtime_env(), include_dashboard=False)
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(extract_features)
@@ -121,7 +120,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
 
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(cfg.work_dir)
     run_id = tracking.start_run(tracking_uri, cfg.experiment, "fit-probe", to_dict(cfg), {"stage": "fit-probe"})
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.log_artifact(run_id, str(roc))

@@ -60,8 +60,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                             model_kwargs=cfg.model_kwargs)
     answers = run_inference(requests, infer)
     # Images are not passed through inference outputs: join them back by id.
-    answers = answers.drop(columns=[c for c in answers.columns if c == "image"]).merge(
-        requests[["id", "image"]], on="id", how="left")
+    answers = answers.drop(columns="image", errors="ignore").merge(requests[["id", "image"]], on="id", how="left")
     prefs = to_preferences(answers.sort_values("id", kind="stable").reset_index(drop=True), cfg.refusals, cfg.seed)
     prefs.to_parquet(out, index=False)
 
@@ -73,7 +72,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(cfg.work_dir)
     run_id = tracking.start_run(tracking_uri, cfg.experiment, "rollout", to_dict(cfg), {"stage": "rollout"})
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     for key, value in summary.items():
         client.log_metric(run_id, key, value)
     client.log_artifact(run_id, str(out.with_suffix(".summary.json")))

@@ -23,7 +23,7 @@ def default_tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
-def _client(tracking_uri: str | None):
+def mlflow_client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -35,7 +35,7 @@ def ensure_experiment(name: str, tracking_uri: str, artifact_location: str | Pat
     For a sqlite store the default root is `<db dir>/mlartifacts/<name>`; without it, artifacts logged from a
     Ray worker land in that worker's temporary directory (environment.md §5).
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -56,7 +56,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict | 
     """Create a run (not made active in this process) and log flattened `params`; returns its id."""
     from mlflow.entities import Param
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run = client.create_run(ensure_experiment(experiment, tracking_uri), run_name=run_name, tags=tags or {})
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):
@@ -79,7 +79,7 @@ def log_bundle(bundle_dir: str | Path, name: str, *, run_id: str | None = None, 
     """Log `bundle_dir` as a LoggedModel (linked to `run_id`) and register it under `name`; returns the version."""
     import mlflow
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run_id = run_id or mlflow.active_run().info.run_id
     experiment_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(experiment_id, name="reminder_bundle", source_run_id=run_id,
@@ -100,7 +100,7 @@ def log_bundle(bundle_dir: str | Path, name: str, *, run_id: str | None = None, 
 
 def _registry_version(uri: str, tracking_uri: str | None) -> tuple[str, str]:
     """(name, version number) of a `models:/name/<version|latest>` or `models:/name@alias` URI."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     ref = uri.removeprefix("models:/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -141,7 +141,7 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=final.parent))
     try:
         # Through the version's storage location: `models:/` downloads consult the global registry URI.
-        source = _client(tracking_uri).get_model_version_download_uri(name, version)
+        source = mlflow_client(tracking_uri).get_model_version_download_uri(name, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
         if not (local / "bundle.json").exists():
             raise ValueError(f"{uri} (version {version}) is not a reminder bundle: no bundle.json")

@@ -45,7 +45,7 @@ def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict)
     """The MLflow run of this Ray Train run: reused when the run name is resumed, else created."""
     from sr_ray.train import tracking
 
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
     found = client.search_runs([experiment_id], filter_string=f"tags.ray_run_name = '{run_name}'", max_results=1)
     if found:
@@ -56,7 +56,7 @@ def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict)
 def metric_history(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     from sr_ray.train import tracking
 
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     history = {}
     for key in client.get_run(run_id).data.metrics:
         points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
@@ -91,7 +91,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     params = to_dict(cfg) | {"run_name": run_name, "probe_dir": str(probe_dir), "n_train": len(train), "n_val": len(val),
                              "n_quarantined": len(quarantined), "probe_fit": probe.fit_info}
     run_id = _mlflow_run(cfg, tracking_uri, run_name, params)
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     if quarantined:
         (run_dir / "quarantine.jsonl").write_text("".join(json.dumps(vars(q)) + "\n" for q in quarantined))
         client.log_artifact(run_id, str(run_dir / "quarantine.jsonl"))
@@ -124,7 +124,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     bundle = ReminderBundle(soft_prompt, probe, soft_prompt.base_model_id, cfg.interval, cfg.threshold,
                             _data_checksum(cfg.path(cfg.data_dir, "data")))
     bundle.save(bundle_dir)
-    epochs = [m for _, m in result.best_checkpoints]
+    epochs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     summary = {"run_name": run_name, "run_id": run_id, "ray_storage": result.path, "final": result.metrics,
                "epochs": epochs}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
