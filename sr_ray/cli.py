@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "sr_ray.serve.cli",
     "sr_ray.train.cli",
     "sr_ray.eval.cli",
+    "sr_ray.demo",
 ]
 
 

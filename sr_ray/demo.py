@@ -1,0 +1,139 @@
+"""`sr-ray demo`: the whole method on a laptop-class machine, one command, one MLflow experiment.
+
+preprocess -> rollout -> fit-probe -> train (2 Ray workers, DeepSpeed) -> evaluate -> report, on the
+embedded default model and the development data (or the vendored demo data). Each stage is sized by its
+YAML in `configs/` (the CPU sizes); the demo only points them at one work directory and one experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sr_ray.train.config import REPO_ROOT
+
+EXPERIMENT = "sr-ray-demo"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    data_dir: str | None = None  # None: $SR_RAY_DATA_DIR, ../shared/data, else the vendored demo data
+    model: str = "smol-llava"
+    eval_limit: int | None = None  # rows per benchmark; None: configs/evaluate.yaml's
+    systems: tuple[str, ...] = ("undefended", "self_reminder", "safety_reminder", "safety_reminder_official")
+    num_cpus: int = 4  # logical CPUs for the local Ray (oversubscribed: Data actors + 2 train workers)
+
+
+class _Stages:
+    """Runs stages in order, printing a banner and the wall time of each."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started, self.times = total, 0, time.perf_counter(), {}
+
+    def run(self, name: str, fn):
+        self.done += 1
+        print(f"\n=== [{self.done}/{self.total}] {name} ===", flush=True)
+        t = time.perf_counter()
+        result = fn()
+        self.times[name] = round(time.perf_counter() - t, 1)
+        print(f"=== {name}: {self.times[name]} s (total {time.perf_counter() - self.started:.0f} s) ===", flush=True)
+        return result
+
+
+def _stage_config(cls, name: str, section: str, overrides: dict):
+    from sr_ray.train.config import load_config
+
+    return load_config(cls, REPO_ROOT / "configs" / f"{name}.yaml", section=section, overrides=overrides)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    import ray
+
+    from sr_ray.data import PreprocessConfig, default_data_dir, run_preprocess
+    from sr_ray.eval.report import write_report
+    from sr_ray.eval.runner import EvaluateConfig, evaluate
+    from sr_ray.runtime import ray_runtime_env
+    from sr_ray.train import run_fit_probe, run_rollout, run_sapt
+    from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
+    from sr_ray.train.tracking import default_tracking_uri
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(cfg.data_dir).resolve() if cfg.data_dir else default_data_dir()
+    tracking_uri = default_tracking_uri(out)
+    shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
+    print(f"sr-ray demo: model={cfg.model} data={data_dir} out={out}\nMLflow: {tracking_uri} (experiment {EXPERIMENT})")
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=ray_runtime_env())
+
+    stages = _Stages(6)
+    pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(
+        data_dir=str(data_dir), out_dir=str(out / "data"))
+    manifest = stages.run("preprocess", lambda: run_preprocess(PreprocessConfig(**pre)))
+    stages.run("rollout", lambda: run_rollout(_stage_config(RolloutConfig, "rollout", "rollout", shared)))
+    probe_dir, probe_metrics = stages.run(
+        "fit-probe", lambda: run_fit_probe(_stage_config(ProbeFitConfig, "fit_probe", "fit_probe", shared)))
+    bundle_dir, run_id, version = stages.run(
+        "train", lambda: run_sapt(_stage_config(SaptConfig, "train_sapt", "train", shared)))
+    bundle = out / "bundle"
+    if bundle.resolve() != Path(bundle_dir).resolve():
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.copytree(bundle_dir, bundle)
+    roc = next(iter(sorted(Path(probe_dir).parent.glob("*roc*.png"))), None)
+    eval_cfg = EvaluateConfig.from_yaml(
+        REPO_ROOT / "configs/evaluate.yaml", out=str(out / "eval"), bundle=str(bundle), data_dir=str(data_dir),
+        processed_dir=str(out / "data"), model=cfg.model, systems=list(cfg.systems), limit=cfg.eval_limit,
+        tracking_uri=tracking_uri, probe_roc=str(roc) if roc else None,
+    )
+    metrics = stages.run("evaluate", lambda: evaluate(eval_cfg))
+    html, _ = stages.run("report", lambda: write_report(out / "eval", out / "report.html"))
+    summary = dict(
+        out=str(out), bundle=str(bundle), model_version=version, sapt_run_id=run_id, report=str(html),
+        metrics=str(out / "eval" / "metrics.json"), tracking_uri=tracking_uri, probe=probe_metrics,
+        rows_written=manifest.get("rows_written"), stage_seconds=stages.times,
+        total_seconds=round(time.perf_counter() - stages.started, 1),
+    )
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\n" + asr_table(metrics))
+    print(closing_message(summary, cfg.model))
+    return summary
+
+
+def asr_table(metrics: dict) -> str:
+    """Full-response ASR (harmful benchmarks) and benign change/refusal, one row per system."""
+    benches = sorted({b for per in metrics.values() for b in per})
+    lines = [f"{'system':<26}" + "".join(f"{b[:18]:>20}" for b in benches)]
+    for system, per in metrics.items():
+        cells = []
+        for b in benches:
+            m = per.get(b, {})
+            value = m.get("asr_full") if m.get("asr_full") is not None else m.get("refusal_rate")
+            cells.append(f"{'-' if value is None else f'{100 * value:.1f}%':>20}")
+        lines.append(f"{system:<26}" + "".join(cells))
+    return "ASR on the full response (harmful benchmarks) / refusal rate (benign: harmless, mmvet)\n" + "\n".join(lines)
+
+
+def closing_message(summary: dict, model: str) -> str:
+    out = summary["out"]
+    return (
+        f"\nreport:        {summary['report']}\n"
+        f"metrics:       {summary['metrics']}\n"
+        f"bundle:        {summary['bundle']}  (MLflow model version {summary['model_version']})\n"
+        f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000\n"
+        f"serve it:      .venv/bin/sr-ray serve --model {model} --bundle {out}/bundle\n"
+        f"total time:    {summary['total_seconds']} s  {summary['stage_seconds']}\n"
+    )
+
+
+def add_commands(sub, bench) -> None:
+    p = sub.add_parser("demo", help="preprocess -> rollout -> fit-probe -> train -> evaluate -> report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data-dir", help="data laid out like shared/data (default: ../shared/data or the demo data)")
+    p.add_argument("--model", default="smol-llava")
+    p.add_argument("--eval-limit", type=int, help="rows per benchmark (default: configs/evaluate.yaml)")
+    p.set_defaults(func=lambda a: run_demo(DemoConfig(out=a.out, data_dir=a.data_dir, model=a.model,
+                                                      eval_limit=a.eval_limit)) and 0)
