@@ -135,5 +135,9 @@ def add_commands(sub, bench) -> None:
     p.add_argument("--data-dir", help="data laid out like shared/data (default: ../shared/data or the demo data)")
     p.add_argument("--model", default="smol-llava")
     p.add_argument("--eval-limit", type=int, help="rows per benchmark (default: configs/evaluate.yaml)")
-    p.set_defaults(func=lambda a: run_demo(DemoConfig(out=a.out, data_dir=a.data_dir, model=a.model,
-                                                      eval_limit=a.eval_limit)) and 0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    run_demo(DemoConfig(out=args.out, data_dir=args.data_dir, model=args.model, eval_limit=args.eval_limit))
+    return 0
