@@ -195,16 +195,19 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
         call = Call(body, request.state.principal, metrics, audit, generate, retry_on, limits.request_timeout_s)
         try:
             await call.admit(await build_job(body, call.principal))
+            if not body.stream:
+                return await call.complete()
+        except asyncio.CancelledError:  # the client went away (Serve cancels the handler)
+            call.finish(499, reason="client disconnected")
+            raise
         except (PolicyError, ImageError) as err:
             return call.refuse(err.status, str(err), getattr(err, "type", None), getattr(err, "param", None))
         except TimeoutError:
-            return call.refuse(504, "generation did not start within the request timeout")
+            return call.refuse(504, "generation exceeded the request timeout")
         except Exception as err:  # noqa: BLE001 (a replica failure is a 500 with an audit record, not a crash)
             logger.exception("chat completion %s failed", call.request_id)
             return call.refuse(500, f"internal error: {type(err).__name__}")
-        if body.stream:
-            return StreamingResponse(call.sse(), media_type="text/event-stream", headers=call.headers)
-        return await call.complete()
+        return StreamingResponse(call.sse(), media_type="text/event-stream", headers=call.headers)
 
     default_openapi = app.openapi
 
@@ -246,7 +249,7 @@ class Call:
         self.base = dict(id=self.request_id, created=int(time.time()), model=body.model)
         self.prompt_tokens = 0
         self.parts: list[str] = []
-        self.delivered = self.retried = False
+        self.delivered = self.retried = self.finished = False
         metrics.in_flight.inc()
 
     async def _next(self):
@@ -292,6 +295,10 @@ class Call:
                 return
 
     def finish(self, status: int, final: Chunk | None = None, reason: str | None = None) -> None:
+        """Metrics + audit record, exactly once per call."""
+        if self.finished:
+            return
+        self.finished = True
         latency = time.perf_counter() - self.t0
         self.metrics.in_flight.dec()
         self.metrics.finished(status, self.body.stream, latency, self.prompt_tokens, final and final.safety,
@@ -317,14 +324,8 @@ class Call:
 
     async def complete(self) -> JSONResponse:
         final = None
-        try:
-            async for final in self.chunks():
-                pass
-        except TimeoutError:
-            return self.refuse(504, "generation exceeded the request timeout")
-        except Exception as err:  # noqa: BLE001
-            logger.exception("chat completion %s failed", self.request_id)
-            return self.refuse(500, f"internal error: {type(err).__name__}")
+        async for final in self.chunks():
+            pass
         self.finish(200, final)
         response = ChatCompletionResponse(
             **self.base, choices=[{"message": {"content": "".join(self.parts)}, "finish_reason": final.finish_reason}],

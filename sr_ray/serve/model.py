@@ -3,13 +3,15 @@
 `generate(job)` streams one request: first an `Admission` (prompt token count, or why it is refused),
 then `Chunk`s of released text. Requests that arrive together are decoded in one
 `GuardedGenerator.stream()` call (`@serve.batch`, streaming form: one list of per-request results per
-decode step, with per-row sampling and guard settings). Each decode step runs in a worker thread, so the
-replica's event loop keeps accepting requests and answering health checks while torch computes.
+decode step, with per-row sampling and guard settings). All tokenizer and torch work runs on one worker
+thread: the replica's event loop stays free for new requests and health checks, and the fast tokenizer,
+which is not safe to use from two threads at once, is only ever used from that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,15 +73,19 @@ class GuardedModel:
         reminder = load_reminder(cfg, self.vlm)
         soft_prompt, probe, self.base_guard = reminder or (None, None, GuardConfig())
         self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr_ray_model")
         b = cfg.batching
         self._batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
                                     max_concurrent_batches=b.max_concurrent_batches)(self._decode_batch)
+
+    async def _on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def prompt_tokens(self, prompt: Prompt) -> int:
         return int(self.vlm.encode([prompt]).attention_mask.sum())
 
     async def generate(self, job: GenerationJob):
-        n = await asyncio.to_thread(self.prompt_tokens, job.prompt)
+        n = await self._on_worker(self.prompt_tokens, job.prompt)
         if n > job.max_prompt_tokens:
             yield Admission(n, f"the prompt is {n} tokens, above this server's limit of {job.max_prompt_tokens}")
             return
@@ -119,11 +125,18 @@ class GuardedModel:
         releasers = [self._releaser(job) for job in jobs]
         steps = self.generator.stream([j.prompt for j in jobs], [j.sampling for j in jobs],
                                       [self._guard_config(j) for j in jobs])
-        while (events := await asyncio.to_thread(next, steps, None)) is not None:
+
+        def step() -> list | None:
+            events = next(steps, None)
+            if events is None:
+                return None
             out: list = [StopAsyncIteration if r.done else None for r in releasers]
             for event in events:
                 if not releasers[event.row].done:
                     out[event.row] = releasers[event.row].feed(event)
+            return out
+
+        while (out := await self._on_worker(step)) is not None:
             yield out
 
 
