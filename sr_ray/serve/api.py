@@ -31,7 +31,7 @@ from sr_ray.serve.model import Admission, GenerationJob
 from sr_ray.serve.policy import AuditLog, PolicyError, authenticate, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import (
     ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Health,
-    ModelCard, ModelList,
+    ModelCard, ModelList, TextPart,
 )
 
 logger = logging.getLogger("sr_ray.serve")
@@ -94,6 +94,10 @@ class Gatekeeper:
         await self.app(scope, replay, send)
 
 
+def parts(message: ChatMessage) -> list:
+    return [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+
+
 def split_messages(messages: list[ChatMessage], limits: Limits) -> tuple[str | None, str, list[str]]:
     """(system text, user text, image URLs) of `[system/developer...] user`; refuses other shapes."""
     if len(messages) > limits.max_messages:
@@ -104,13 +108,11 @@ def split_messages(messages: list[ChatMessage], limits: Limits) -> tuple[str | N
                                "multi-turn history is not supported by this model server", param="messages")
     system = []
     for i, m in enumerate(head):
-        parts = [m.content] if isinstance(m.content, str) else m.content
-        if any(not isinstance(p, str) and p.type != "text" for p in parts):
+        if any(p.type != "text" for p in parts(m)):
             raise PolicyError(400, "images are only accepted in the user message", param=f"messages.{i}.content")
-        system += [p if isinstance(p, str) else p.text for p in parts]
-    parts = [last.content] if isinstance(last.content, str) else last.content
-    texts = [p if isinstance(p, str) else p.text for p in parts if isinstance(p, str) or p.type == "text"]
-    urls = [p.image_url.url for p in parts if not isinstance(p, str) and p.type == "image_url"]
+        system += [p.text for p in parts(m)]
+    texts = [p.text for p in parts(last) if p.type == "text"]
+    urls = [p.image_url.url for p in parts(last) if p.type == "image_url"]
     if len(urls) > limits.max_images:
         raise PolicyError(400, f"at most {limits.max_images} image(s) per request, got {len(urls)}", param="messages")
     text = "\n".join(texts)
