@@ -141,6 +141,22 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     name, version = model_uri.removeprefix("models:/").split("/")
     assert client.get_model_version(name, version).run_id == trained["mlflow_run_id"]
 
+    # Evaluate the registered bundle against the undefended model: metrics, plots, report, an MLflow run.
+    stages.run("evaluate.py", "--config", "configs/evaluate.yaml", "--model", MODEL, "--bundle", model_uri,
+               "--processed-dir", str(shards), "--out", str(work / "eval"), "--tracking-uri", stages.tracking_uri,
+               "--systems", "undefended,safety_reminder", "--benchmarks", "figstep,advbench,harmless", "--limit", "2",
+               "--max-new-tokens", "12", "--reminder-max-new-tokens", "12", "--awareness-limit", "0",
+               "--probe-roc", str(work / "probe/roc.png"))
+    metrics = json.loads((work / "eval/metrics.json").read_text())
+    assert set(metrics) == {"undefended", "safety_reminder"}
+    assert all(set(m) == {"figstep", "advbench", "harmless"} and all(b["n"] == 2 for b in m.values())
+               for m in metrics.values())
+    assert (work / "eval/report.html").exists()
+    [evaluation] = client.search_runs([client.get_experiment_by_name("sr_ray-eval").experiment_id])
+    assert evaluation.info.status == "FINISHED"
+    assert evaluation.data.metrics["safety_reminder.advbench.n"] == 2
+    assert "metrics.json" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+
     # Serve the registered bundle on the cluster (the job returns once the app runs), query it over HTTP.
     port = free_port()
     stages.run("serve.py", "--config", "configs/serve.yaml", "--model", MODEL, "--bundle", model_uri,
