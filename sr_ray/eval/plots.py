@@ -24,11 +24,12 @@ def _bars(ax, groups: list[str], values: dict[str, list[float | None]], title: s
     width = 0.8 / max(len(values), 1)
     x = np.arange(len(groups))
     for i, (system, ys) in enumerate(values.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, [np.nan if y is None else y for y in ys], width,
-               label=system, color=SYSTEM_COLORS.get(system))
+        bars = ax.bar(x + i * width - 0.4 + width / 2, [np.nan if y is None else y for y in ys], width,
+                      label=system, color=SYSTEM_COLORS.get(system))
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.set_xticks(x, groups, rotation=25, ha="right", fontsize=8)
     ax.set(title=title, ylabel=ylabel, ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def plot_asr(metrics: dict, path: str | Path) -> Path:
@@ -43,8 +44,8 @@ def plot_asr(metrics: dict, path: str | Path) -> Path:
               (harmful, "asr_continuation", "ASR, continuation only (official)"),
               (benign, "refusal_rate", "benign: refusal rate"), (benign, "changed_vs_undefended", "benign: changed vs undefended")]
     panels = [p for p in panels if p[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (groups, key, title) in zip(axes[0], panels):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    for ax, (groups, key, title) in zip(axes[:, 0], panels):
         _bars(ax, groups, {s: [value(s, b, key) for b in groups] for s in systems}, title, key)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

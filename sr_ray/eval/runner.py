@@ -87,13 +87,11 @@ class EvaluateConfig:
 
 
 def _init_ray(num_cpus: int | None) -> None:
-    import ray
+    """The running Ray, else $RAY_ADDRESS (a Ray job), else a local one at normal worker priority with
+    oversubscribed logical CPUs: inference actors hold theirs while Ray Data tasks still need some."""
+    from sr_ray.data.pipeline import ensure_ray
 
-    from sr_ray.runtime import ray_runtime_env
-
-    if not ray.is_initialized():
-        # Oversubscribe logical CPUs: inference actors hold theirs while Ray Data tasks still need some.
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=ray_runtime_env())
+    ensure_ray(num_cpus or max(4, os.cpu_count() or 1))
 
 
 def collect_rows(cfg: EvaluateConfig, out: Path) -> tuple[list[dict], Path]:
