@@ -55,7 +55,6 @@ class Stages:
 
     def __init__(self, dashboard_url: str, work: Path):
         self.client = JobSubmissionClient(dashboard_url)
-        self.work = work
         self.tracking_uri = f"sqlite:///{work}/mlflow.db"
         self.timings: dict[str, float] = {}
 
@@ -100,10 +99,10 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest and list((shards / "shards").glob("*.parquet"))
 
-    logs = stages.run("rollout.py", "--config", "configs/rollout.yaml", *common, "--data-dir", str(shards),
-                      "--set", "harmful=[{source: advbench, train: 4, val: 2}, {source: figstep, variant: image, train: 2, val: 1}]",
-                      "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]",
-                      "--set", "max_new_tokens=12", "--set", "concurrency=2", "--set", "cpus_per_actor=0.5")
+    stages.run("rollout.py", "--config", "configs/rollout.yaml", *common, "--data-dir", str(shards),
+               "--set", "harmful=[{source: advbench, train: 4, val: 2}, {source: figstep, variant: image, train: 2, val: 1}]",
+               "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]",
+               "--set", "max_new_tokens=12", "--set", "concurrency=2", "--set", "cpus_per_actor=0.5")
     rollout = work / "rollout/rollout.parquet"
     answers = pd.read_parquet(rollout)
     assert answers.groupby(["split", "safe"]).size().to_dict() == {
