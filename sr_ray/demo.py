@@ -68,7 +68,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
     print(f"sr-ray demo: model={cfg.model} data={data_dir} out={out}\nMLflow: {tracking_uri} (experiment {EXPERIMENT})")
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=ray_runtime_env())
+        # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, runtime_env=ray_runtime_env())
 
     stages = _Stages(6)
     pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(
@@ -89,6 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         processed_dir=str(out / "data"), model=cfg.model, systems=list(cfg.systems), limit=cfg.eval_limit,
         tracking_uri=tracking_uri, probe_roc=str(roc) if roc else None,
     )
+    ray.data.DataContext.get_current().enable_progress_bars = True  # training turns them off
     metrics = stages.run("evaluate", lambda: evaluate(eval_cfg))
     html, _ = stages.run("report", lambda: write_report(out / "eval", out / "report.html"))
     summary = dict(

@@ -122,7 +122,7 @@ def run_inference(rows: list[dict] | pd.DataFrame, cfg: InferenceConfig) -> pd.D
         fn_constructor_kwargs={"cfg": asdict(cfg)},
         batch_size=cfg.batch_size,
         batch_format="pandas",
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor,
     )
     return out.to_pandas()
