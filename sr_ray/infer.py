@@ -40,6 +40,7 @@ class InferenceConfig:
     batch_size: int = 8
     concurrency: int = 1  # actors in the pool
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # 1 on GPU clusters: Ray places each actor on its own GPU
     model_kwargs: dict = field(default_factory=dict)
 
 
@@ -124,5 +125,6 @@ def run_inference(rows: list[dict] | pd.DataFrame, cfg: InferenceConfig) -> pd.D
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
     )
     return out.to_pandas()
