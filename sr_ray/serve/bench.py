@@ -3,7 +3,8 @@
 Both modes go through one deployed application (one model replica, so autoscaling does not blur the
 comparison) and the real `openai` client, streaming, at the same concurrency, on the same prompts (text
 and image requests alternating, greedy decoding). Plain requests turn the guard off with the admin key.
-Rounds alternate the order of the two modes so a neighbour's load on a shared machine hits both.
+Rounds alternate the order of the two modes so a neighbour's load on a shared machine hits both; the
+result records the machine's load average so a disturbed run can be recognised.
 Without `--bundle` the guard uses a fresh soft prompt and a never-flagging probe: every check still runs
 (the cost being measured); no answer is re-steered, so both modes decode the same tokens.
 """
@@ -15,6 +16,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import secrets
 import socket
 import tempfile
@@ -151,13 +153,15 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         base_url = start(serve_cfg)
         try:
             modes = {"guarded": None, "plain": {"enabled": False}}
-            warm = ServeBenchConfig(**{**asdict(cfg), "requests": cfg.concurrency})
+            warm = ServeBenchConfig(**{**asdict(cfg), "requests": 2, "concurrency": 2})  # one text, one image
             for safety in modes.values():
                 asyncio.run(_phase(base_url, key, warm, safety))
             runs = {name: [] for name in modes}
+            load_before = os.getloadavg()[0]
             for r in range(cfg.rounds):
                 for name in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
                     runs[name].append(asyncio.run(_phase(base_url, key, cfg, modes[name])))
+            load_after = os.getloadavg()[0]
         finally:
             serve.delete(serve_cfg.app_name)
             if started_ray:
@@ -172,7 +176,9 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         p50_ms=dict(guarded=guarded["p50_ms"], plain=plain["p50_ms"]),
         p99_ms=dict(guarded=guarded["p99_ms"], plain=plain["p99_ms"]),
         ttft_p50_ms=dict(guarded=guarded["ttft_p50_ms"], plain=plain["ttft_p50_ms"]),
-        errors=guarded["errors"] + plain["errors"], detail=dict(guarded=guarded, plain=plain))
+        errors=guarded["errors"] + plain["errors"], detail=dict(guarded=guarded, plain=plain),
+        machine=dict(cpus=os.cpu_count(), load_avg_1m_before=round(load_before, 1),
+                     load_avg_1m_after=round(load_after, 1)))
     return result
 
 
