@@ -74,7 +74,7 @@ def probe_metrics(probe, feats: np.ndarray, safe: np.ndarray) -> dict[str, float
     rates at the inference threshold."""
     from sklearn.metrics import roc_auc_score
 
-    p_safe = probe.p_safe(torch.from_numpy(feats)).numpy()
+    p_safe = probe.p_safe(torch.tensor(feats)).numpy()
     unsafe = ~safe.astype(bool)
     flagged = p_safe < probe.threshold
     return {
@@ -115,7 +115,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     metrics = {f"{s}/{k}": v for s in splits for k, v in probe_metrics(probe, feats[s], labels[s]).items()}
     probe_dir = probe.save(out_dir / "probe")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    curves = {s: (~labels[s], 1 - probe.p_safe(torch.from_numpy(feats[s])).numpy()) for s in splits}
+    curves = {s: (~labels[s], 1 - probe.p_safe(torch.tensor(feats[s])).numpy()) for s in splits}
     roc = plot_roc(curves, out_dir / "roc.png", f"harm probe on {model_id} ({cfg.feature})")
 
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(cfg.work_dir)
