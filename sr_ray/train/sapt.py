@@ -7,7 +7,8 @@ target = the rest of that answer. The target gets the end-of-turn token appended
 model also learns to stop after the refusal (the official LLaVA code appends none, Qwen does).
 
 L = L_LM (cross-entropy over the target tokens) + λ · BCE(probe P(safe) at the last soft token, safe).
-Gradients flow through the frozen VLM into the soft prompt only.
+Gradients flow through the frozen VLM into the soft prompt only; the context before the soft prompt runs
+without autograd (it cannot depend on the soft prompt).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from sr_ray.infer import decode_image
 from sr_ray.models import VLM, Prompt
@@ -79,21 +81,27 @@ def target_ids(vlm: VLM, examples: list[SaptExample], max_tokens: int) -> tuple[
 
 def sapt_loss(vlm: VLM, soft: torch.Tensor, probe: HarmProbe, examples: list[SaptExample],
               cls_weight: float = 0.05, max_target_tokens: int = 256) -> SaptLoss:
-    """Forward [context + soft + target] through the frozen VLM; `soft` (k, D) carries the gradient."""
-    e = vlm.embed(vlm.encode([ex.prompt for ex in examples]), suffix=soft)
+    """[context] + [soft + target] through the frozen VLM; `soft` (k, D) carries the gradient.
+
+    The context (prompt, image, answer prefix) does not depend on the soft prompt, so it runs once without
+    autograd into a KV cache; only the k soft tokens and the target are differentiated. Backward then costs
+    k + T positions instead of the whole sequence (an image alone is 576 tokens on LLaVA-1.5).
+    """
+    with torch.no_grad():
+        e = vlm.embed(vlm.encode([ex.prompt for ex in examples]))
+        cache = DynamicCache(config=vlm.text_config)
+        vlm.hidden(e.embeds, e.attention_mask, e.position_ids, cache)
     ids, tmask = target_ids(vlm, examples, max_target_tokens)
-    width = e.embeds.shape[1]
-    positions = vlm.positions(e.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device))
-    hidden = vlm.hidden(
-        torch.cat([e.embeds, vlm.embed_tokens(ids).to(e.embeds.dtype)], 1),
-        torch.cat([e.attention_mask, tmask.to(e.attention_mask.dtype)], 1),
-        torch.cat([e.position_ids, positions], -1),
-    )
-    # The last soft token predicts the first target token; target token t is predicted at width-1+t.
-    logits = vlm.lm_head(hidden[:, width - 1 : width - 1 + ids.shape[1]]).float()
+    k, batch = soft.shape[0], len(examples)
+    tail = torch.cat([soft.to(e.embeds.dtype).expand(batch, -1, -1), vlm.embed_tokens(ids).to(e.embeds.dtype)], 1)
+    tail_mask = torch.cat([tmask.new_ones(batch, k), tmask], 1).to(e.attention_mask.dtype)
+    positions = vlm.positions(e.next_pos[:, None] + torch.arange(tail.shape[1], device=ids.device))
+    hidden = vlm.hidden(tail, torch.cat([e.attention_mask, tail_mask], 1), positions, cache)
+    # The last soft token (k-1) predicts the first target token; target token t is predicted at k-1+t.
+    logits = vlm.lm_head(hidden[:, k - 1 : k - 1 + ids.shape[1]]).float()
     valid = tmask.bool()
     lm = F.cross_entropy(logits[valid], ids[valid])
-    p_safe = probe.p_safe(hidden[:, width - 1])
+    p_safe = probe.p_safe(hidden[:, k - 1])
     labels = torch.tensor([float(ex.safe) for ex in examples], device=p_safe.device)
     cls = F.binary_cross_entropy(p_safe, labels)
     return SaptLoss(lm, cls, lm + cls_weight * cls, p_safe.detach())
