@@ -76,7 +76,12 @@ def build_context(run: Path) -> dict:
     systems = list(metrics)
     benchmarks = list(dict.fromkeys(b for s in systems for b in metrics[s]))
     rows = [{"system": s, "benchmark": b, **{c: fmt(m.get(c)) for c in COLUMNS[2:]}} for s in systems for b, m in metrics[s].items()]
-    pivot = {b: {s: fmt(metrics[s].get(b, {}).get("asr_full")) for s in systems} for b in benchmarks}
+    harmful = [b for b in benchmarks if any(metrics[s].get(b, {}).get("asr_full") is not None for s in systems)]
+    pivot = {b: {s: fmt(metrics[s].get(b, {}).get("asr_full")) for s in systems} for b in harmful}
+    benign = {b: {s: f"{fmt(metrics[s].get(b, {}).get('refusal_rate'))} / {fmt(metrics[s].get(b, {}).get('changed_vs_undefended'))}"
+                  for s in systems} for b in benchmarks if b not in harmful}
+    guarded = [s for s in systems if s in GUARDED]
+    flags = {b: {s: fmt(metrics[s].get(b, {}).get("intervention_rate")) for s in guarded} for b in benchmarks}
     awareness = json.loads((run / "awareness.json").read_text())["summaries"] if (run / "awareness.json").exists() else {}
     images = {p.stem: _data_uri(p) for p in sorted((run / "plots").glob("*.png"))}
     attacks, adv_images = _attacks(run, metrics) if (run / "attacks").is_dir() else ([], {})
@@ -89,7 +94,8 @@ def build_context(run: Path) -> dict:
                        ("MLflow run", f"{prov.get('mlflow_run_id')} @ {prov.get('tracking_uri')}"),
                        *((f"version {k}", v) for k, v in versions.items())]
     return dict(title=f"sr_ray evaluation: {prov.get('model', run.name)}", prov=prov, systems=systems,
-                benchmarks=benchmarks, rows=rows, columns=COLUMNS, pivot=pivot, goal=goal_rows(metrics),
+                benchmarks=benchmarks, rows=rows, columns=COLUMNS, pivot=pivot, benign=benign, guarded=guarded, flags=flags,
+                goal=goal_rows(metrics),
                 awareness=awareness, images=images, attacks=attacks, adv_images=adv_images,
                 provenance_rows=provenance_rows, fmt=fmt)
 
@@ -103,7 +109,11 @@ def _markdown(ctx: dict) -> str:
              table(["criterion", "value", "target", "met"],
                    [[g["name"], g["value"], g["target"], {True: "yes", False: "no", None: "n/a"}[g["met"]]] for g in ctx["goal"]]),
              "", "## ASR, full response", "",
-             table(["benchmark", *ctx["systems"]], [[b, *ctx["pivot"][b].values()] for b in ctx["benchmarks"]]),
+             table(["benchmark", *ctx["systems"]], [[b, *v.values()] for b, v in ctx["pivot"].items()]),
+             "", "## Benign: refusal rate / changed vs undefended", "",
+             table(["benchmark", *ctx["systems"]], [[b, *v.values()] for b, v in ctx["benign"].items()]),
+             "", "## Guard intervention rate (share of rows flagged)", "",
+             table(["benchmark", *ctx["guarded"]], [[b, *v.values()] for b, v in ctx["flags"].items()]),
              "", "## All metrics", "", table(ctx["columns"], [[r[c] for c in ctx["columns"]] for r in ctx["rows"]])]
     for name, s in ctx["awareness"].items():
         parts += ["", f"## Delayed awareness: {name}", "",

@@ -94,16 +94,16 @@ def _init_ray(num_cpus: int | None) -> None:
     ensure_ray(num_cpus or max(4, os.cpu_count() or 1))
 
 
-def collect_rows(cfg: EvaluateConfig, out: Path) -> tuple[list[dict], Path]:
+def collect_rows(cfg: EvaluateConfig, out: Path) -> tuple[list[dict], Path | None]:
     inline = cfg.inline_typography if cfg.inline_typography is not None else default_inline_typography(cfg.model)
     sources, variants = preprocess_selection(cfg.benchmarks, inline)
-    processed = prepared_data(cfg.data_dir, cfg.processed_dir, out, sources, variants)
-    rows = benchmark_rows(processed, cfg.benchmarks, inline, cfg.limit, cfg.seed)
+    processed = prepared_data(cfg.data_dir, cfg.processed_dir, out, sources, variants) if sources else None
+    rows = benchmark_rows(processed, cfg.benchmarks, inline, cfg.limit, cfg.seed) if processed else []
     for directory in cfg.attack_dirs:
         _, extra = attack_rows(directory)
         rows += sample_by_category(extra, cfg.limit, cfg.seed, category=lambda r: r["category"])
     if not rows:
-        raise ValueError(f"no evaluation rows: none of {cfg.benchmarks} has test records in {processed}")
+        raise ValueError(f"no evaluation rows: none of {cfg.benchmarks} has test records in {processed}, no attack rows")
     return rows, processed
 
 
@@ -174,14 +174,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.probe_roc:
         shutil.copy(cfg.probe_roc, out / "plots" / "probe_roc.png")
     awareness = None
-    if bundle_dir and cfg.awareness.limit:
+    answers = awareness_rows(rows, cfg.awareness.limit, cfg.seed) if bundle_dir and cfg.awareness.limit else []
+    if answers:
         _phase("delayed-awareness analysis", started)
-        awareness = run_awareness(awareness_rows(rows, cfg.awareness.limit, cfg.seed), cfg.model, bundle_dir,
-                                  cfg.awareness, out, **inference)
+        awareness = run_awareness(answers, cfg.model, bundle_dir, cfg.awareness, out, **inference)
     provenance = dict(
         model=cfg.model, bundle=cfg.bundle, bundle_dir=bundle_dir,
         bundle_info=json.loads((Path(bundle_dir) / "bundle.json").read_text()) if bundle_dir else None,
-        data_dir=cfg.data_dir, processed_dir=str(processed), data_manifest_checksum=_manifest_checksum(processed),
+        data_dir=cfg.data_dir, processed_dir=processed and str(processed),
+        data_manifest_checksum=processed and _manifest_checksum(processed),
         judge=cfg.judge, config=asdict(cfg), rows=len(rows), generations=len(frame), versions=versions(),
         tracking_uri=tracking_uri, seconds=round(time.perf_counter() - started, 1),
     )
