@@ -54,9 +54,7 @@ def official_style_generate(vlm: VLM, prompt: Prompt, soft: torch.Tensor, probe:
             full = vlm.embed(type(batch)(ids, torch.ones_like(ids), batch.vision), suffix=soft)
             h = vlm.hidden(full.embeds, full.attention_mask, full.position_ids)[:, -1]
             probe.p_safe(h)
-        token = int(logits[0].argmax())
-        if token in vlm.eos_token_ids:
-            break
+        token = int(logits[0].argmax())  # like the other variants, EOS does not end the run
         answer.append(token)
         mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
         h = vlm.hidden(vlm.embed_tokens(torch.tensor([[token]], device=vlm.device)), mask,
@@ -80,7 +78,7 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
     image = Image.effect_noise((336, 336), 64).convert("RGB")
     prompt = Prompt(cfg.prompt, image)
     image_ctx = int((vlm.encode([prompt]).input_ids == vlm.model.config.image_token_id).sum())
-    sampling = SamplingConfig(max_new_tokens=cfg.new_tokens)
+    sampling = SamplingConfig(max_new_tokens=cfg.new_tokens, ignore_eos=True)  # every variant decodes the full budget
     guard = GuardConfig(interval=cfg.interval, check_at_end=False)  # same checks as the official loop
     guarded = GuardedGenerator(vlm, soft, never, guard)
     flagged_ours = GuardedGenerator(vlm, soft, always, GuardConfig(interval=cfg.interval, reminder_max_new_tokens=32))

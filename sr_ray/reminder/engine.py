@@ -39,6 +39,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # decode the full budget (benchmarks)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class GuardedGenerator:
             for b, row in enumerate(rows):
                 if row.done:
                     continue
-                if row.budget <= 0 or tokens[b] in vlm.eos_token_ids:
+                if row.budget <= 0 or (tokens[b] in vlm.eos_token_ids and not row.sampling.ignore_eos):
                     self._end(row, "length" if row.budget <= 0 else "stop")
                 else:
                     row.answer.append(tokens[b])
