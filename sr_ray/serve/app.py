@@ -9,13 +9,14 @@ reached the client (see `api.Call`); a stream that already showed text fails wit
 
 from __future__ import annotations
 
+import os
 import time
 
-import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from sr_ray.data.pipeline import ensure_ray
 from sr_ray.runtime import quiet_third_party, ray_runtime_env
 from sr_ray.serve.api import create_api
 from sr_ray.serve.config import ServeConfig
@@ -52,9 +53,11 @@ def build_app(cfg: ServeConfig):
 
 
 def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
-    """Start Ray (or join `ray_address`), Serve's HTTP proxy on cfg.host:cfg.port, deploy; return the base URL."""
-    if not ray.is_initialized():
-        ray.init(address=ray_address, runtime_env=ray_runtime_env(), include_dashboard=False)
+    """Join Ray (the running session, `ray_address`, $RAY_ADDRESS, else a local one with workers at normal
+    priority), start Serve's HTTP proxy on cfg.host:cfg.port, deploy; return the base URL."""
+    if ray_address:
+        os.environ["RAY_ADDRESS"] = ray_address
+    ensure_ray(num_cpus=None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port,
                               "request_timeout_s": cfg.limits.request_timeout_s + 30})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
