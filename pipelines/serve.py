@@ -3,14 +3,16 @@
     ray job submit --working-dir . -- python pipelines/serve.py --config configs/serve.yaml \
         --bundle models:/sr_ray_reminder/3 --set tracking_uri=sqlite:////mnt/shared/mlflow.db
 
-Inside a Ray job it joins the job's cluster; run directly, it starts a local Ray. Serve applications
-outlive the job's driver, so without `--block` the entrypoint returns once the app is running
-(`serve status` / `serve shutdown` manage it afterwards). Same flags as `sr-ray serve`.
+Inside a Ray job it joins the job's cluster; Serve applications outlive the job's driver, so without
+`--block` the entrypoint returns once the app is running (`serve status` / `serve shutdown` manage it
+afterwards). Run directly, it starts a local Ray, which lives only as long as this process: it blocks
+until Ctrl-C. Same flags as `sr-ray serve`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from sr_ray.runtime import quiet_third_party
 from sr_ray.serve.cli import add_config_args, config_from_args
@@ -22,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.set_defaults(config="configs/serve.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local one)")
-    parser.add_argument("--block", action="store_true", help="keep the driver alive until Ctrl-C")
+    parser.add_argument("--block", action="store_true", help="keep the driver alive until Ctrl-C (always with a local Ray)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     from sr_ray.serve.app import serve_forever, start
 
-    if args.block:
+    if args.block or not (args.address or os.environ.get("RAY_ADDRESS")):
         serve_forever(cfg, args.address)
     else:
         print(f"serving {cfg.model_name!r} at {start(cfg, args.address)}/v1", flush=True)
