@@ -163,7 +163,8 @@ class Validator:
         self.examples = [build_example(r, example_rng(seed, -1, str(r["id"])), p_empty, min_chars) for r in rows]
         self.prompts = [Prompt(str(r["prompt"]), decode_image(r.get("image"))) for r in rows]
         self.safe = [bool(r["safe"]) for r in rows]
-        self.guard = GuardConfig(interval=interval, threshold=threshold)
+        # After a flag the continuation gets the same budget (the judge reads the first words of it).
+        self.guard = GuardConfig(interval=interval, threshold=threshold, reminder_max_new_tokens=max_new_tokens)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens)
         self.batch_size, self.cls_weight, self.max_target_tokens = batch_size, cls_weight, max_target_tokens
         self.undefended = self._generate(None, guard=False)
