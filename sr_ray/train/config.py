@@ -114,6 +114,7 @@ class SaptConfig(StageConfig):
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # constant: the paper; cosine: decay to 0 by the end
     cls_weight: float = 0.05  # λ of the probe BCE
     p_empty_prefix: float = 1 / 3
     min_prefix_chars: int = 20
@@ -133,6 +134,9 @@ class SaptConfig(StageConfig):
     max_failures: int = 1
     run_name: str | None = None  # reuse a name to resume that run; None: a fresh unique name
     registered_model: str = "safety-reminder"
+    # The bundle's epoch: "best" = highest val/score (refusal rate on harmful + unchanged rate on benign val
+    # prompts; ties: lower val L_LM, then later); "last" = the final epoch. The official picks one by hand.
+    bundle_from: Literal["best", "last"] = "best"
     # test only: rank 1 deletes this file and dies at epoch 1 step 0 if it exists (a real worker death)
     fault_marker: str | None = None
 

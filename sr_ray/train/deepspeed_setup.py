@@ -40,3 +40,16 @@ def gathered_parameter(param):
 
     with deepspeed.zero.GatheredParameters([param]):
         return param.detach().float().clone().cpu()
+
+
+def lr_scheduler(kind: str, total_steps: int):
+    """A callable DeepSpeed turns into a scheduler over its own optimizer (None: constant lr, the paper)."""
+    if kind == "constant":
+        return None
+    if kind != "cosine":
+        raise ValueError(f"unknown lr_schedule {kind!r}")
+    import math
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return lambda optimizer: LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))

@@ -49,7 +49,7 @@ def train_loop(config: dict) -> None:
     from sr_ray.reminder import HarmProbe, SoftPrompt
     from sr_ray.runtime import quiet_third_party
     from sr_ray.train.config import SaptConfig
-    from sr_ray.train.deepspeed_setup import deepspeed_config, gathered_parameter, import_deepspeed
+    from sr_ray.train.deepspeed_setup import deepspeed_config, gathered_parameter, import_deepspeed, lr_scheduler
     from sr_ray.train.sapt import ValCounts, Validator, build_example, example_rng, sapt_loss, weights_sha256
 
     quiet_third_party()
@@ -64,13 +64,13 @@ def train_loop(config: dict) -> None:
     soft_prompt = SoftPrompt.from_text(vlm, cfg.init_text, cfg.k)
     optimizer = torch.optim.AdamW(soft_prompt.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=soft_prompt, optimizer=optimizer, config=deepspeed_config(cfg.batch_size, world, cfg.zero_stage, cfg.bf16))
-
     train_rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["id"])
     val_rows = sorted(ray.train.get_dataset_shard("val").iter_rows(), key=lambda r: r["id"])[rank::world]
     micro = cfg.batch_size // world
     steps_per_epoch = len(train_rows) // cfg.batch_size
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=soft_prompt, optimizer=optimizer, config=deepspeed_config(cfg.batch_size, world, cfg.zero_stage, cfg.bf16),
+        lr_scheduler=lr_scheduler(cfg.lr_schedule, cfg.epochs * steps_per_epoch))
 
     start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -122,6 +122,7 @@ def train_loop(config: dict) -> None:
             }, step=global_step)
 
         val = validate(current_prompt())
+        val["val/score"] = val["val/refusal_rate_harmful"] + val["val/unchanged_rate_benign"]
         mlflow.log_metrics(val, step=epoch + 1)
         means = (sums / max(steps_per_epoch, 1)).tolist()
         metrics = {"epoch": epoch, "global_step": global_step, "attempt_start_epoch": start_epoch,

@@ -53,6 +53,15 @@ def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict)
     return tracking.start_run(tracking_uri, cfg.experiment, run_name, params, {"stage": "train", "ray_run_name": run_name})
 
 
+def pick_checkpoint(result, bundle_from: str):
+    """(checkpoint, its metrics): the last epoch, or the best by val/score (ties: lower val L_LM, then later)."""
+    reported = sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"])
+    if bundle_from == "last":
+        return reported[-1]
+    finite = lambda x: x if x == x else float("-inf")  # noqa: E731  (NaN: no val rows of that kind)
+    return max(reported, key=lambda cm: (finite(cm[1]["val/score"]), finite(-cm[1]["val/lm_loss"]), cm[1]["epoch"]))
+
+
 def metric_history(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     from sr_ray.train import tracking
 
@@ -118,20 +127,22 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
         client.set_terminated(run_id, "FAILED")
         raise
 
+    checkpoint, chosen = pick_checkpoint(result, cfg.bundle_from)
     bundle_dir = run_dir / "bundle"
-    with result.checkpoint.as_directory() as ckpt:
+    with checkpoint.as_directory() as ckpt:
         soft_prompt = SoftPrompt.load(Path(ckpt) / "soft_prompt")
     bundle = ReminderBundle(soft_prompt, probe, soft_prompt.base_model_id, cfg.interval, cfg.threshold,
                             _data_checksum(cfg.path(cfg.data_dir, "data")))
     bundle.save(bundle_dir)
     epochs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     summary = {"run_name": run_name, "run_id": run_id, "ray_storage": result.path, "final": result.metrics,
-               "epochs": epochs}
+               "bundle_epoch": chosen["epoch"], "bundle_metrics": chosen, "epochs": epochs}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plot = plot_training(metric_history(tracking_uri, run_id), run_dir / "training.png", f"SAPT on {bundle.base_model_id}")
     for path in (plot, run_dir / "summary.json"):
         client.log_artifact(run_id, str(path))
     client.set_tag(run_id, "base_weights_sha256", result.metrics.get("base_weights_sha256", ""))
+    client.set_tag(run_id, "bundle_epoch", chosen["epoch"])
     version = tracking.log_bundle(bundle_dir, cfg.registered_model, run_id=run_id, tracking_uri=tracking_uri,
                                   tags={"base_model_id": bundle.base_model_id, "data_checksum": bundle.data_checksum})
     client.set_terminated(run_id)

@@ -5,6 +5,7 @@ the epoch-0 checkpoint. One shared run (module fixture) backs every assertion.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +71,7 @@ def pipeline(ray_session, tmp_path_factory):
     marker = root / "kill-rank-1"
     marker.write_text("rank 1 dies at epoch 1 step 0 while this file exists")
     cfg = SaptConfig(**common, train_data=[str(rollout), str(write_official_file(root))], epochs=EPOCHS, lr=1e-2,
+                     lr_schedule="cosine",
                      batch_size=4, num_workers=2, zero_stage=2, val_limit=2, val_max_new_tokens=12,
                      max_target_tokens=16, interval=4, max_failures=1, fault_marker=str(marker),
                      registered_model="reminder-e2e")
@@ -138,9 +140,13 @@ def test_mlflow_run_has_config_step_metrics_and_plots(pipeline, client):
     steps = 18 // 4 * EPOCHS
     for key in ("train/lm_loss", "train/cls_loss", "train/total_loss", "train/lr", "train/samples_per_s"):
         assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == list(range(1, steps + 1)), key
+    # The cosine schedule continues across the restart: DeepSpeed restored the scheduler with the optimizer.
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr"))
+    assert [v for _, v in lrs] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * s / steps)) for s, _ in lrs])
     for key in ("val/lm_loss", "val/refusal_rate_harmful", "val/unchanged_rate_benign"):
         assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == list(range(EPOCHS + 1)), key
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"training.png", "summary.json"}
+    assert run.data.tags["bundle_epoch"] == str(pipeline["summary"]["bundle_epoch"])
 
 
 def test_bundle_round_trips_through_mlflow_and_guards(pipeline):
@@ -154,6 +160,9 @@ def test_bundle_round_trips_through_mlflow_and_guards(pipeline):
     bundle = ReminderBundle.load(local, vlm)
     trained = ReminderBundle.load(pipeline["bundle_dir"], vlm)
     assert torch.equal(bundle.soft_prompt.embeddings, trained.soft_prompt.embeddings)
+    epochs = pipeline["summary"]["epochs"]  # the bundle is the best epoch by val/score
+    best = max(epochs, key=lambda m: (m["val/score"], -m["val/lm_loss"], m["epoch"]))
+    assert pipeline["summary"]["bundle_epoch"] == best["epoch"]
     assert not torch.equal(bundle.soft_prompt.embeddings, SoftPrompt.from_text(vlm).embeddings)  # it trained
     assert (bundle.base_model_id, bundle.interval, bundle.threshold) == (MODEL, 4, 0.2)
     from sr_ray.data import manifest_checksum
