@@ -149,7 +149,7 @@ def run_with_ray(rows: list[dict], cfg: PreprocessConfig, shard_dir: Path) -> li
         return []
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     processed = ds.map_batches(process_batch, fn_kwargs={"limits": cfg.image_limits}, batch_format="pyarrow",
-                               batch_size=None, zero_copy_batch=True).materialize()
+                               batch_size=None, zero_copy_batch=True, num_cpus=cfg.cpus_per_task).materialize()
     good = processed.map_batches(keep_rows, fn_kwargs={"quarantined": False}, batch_format="pyarrow", batch_size=None)
     good = good.drop_columns(list(PIPELINE_ONLY_COLUMNS))
     if cfg.tokenizer:
