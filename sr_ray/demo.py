@@ -75,6 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(
         data_dir=str(data_dir), out_dir=str(out / "data"))
     manifest = stages.run("preprocess", lambda: run_preprocess(PreprocessConfig(**pre)))
+    require_probe_sources(manifest, _stage_config(ProbeFitConfig, "fit_probe", "fit_probe", shared), data_dir)
     stages.run("rollout", lambda: run_rollout(_stage_config(RolloutConfig, "rollout", "rollout", shared)))
     probe_dir, probe_metrics = stages.run(
         "fit-probe", lambda: run_fit_probe(_stage_config(ProbeFitConfig, "fit_probe", "fit_probe", shared)))
@@ -103,6 +104,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n" + asr_table(metrics))
     print(closing_message(summary, cfg.model))
     return summary
+
+
+def require_probe_sources(manifest: dict, probe_cfg, data_dir: Path) -> None:
+    """Fail before the long stages when the probe's harmful/harmless split is not in the data. The vendored
+    demo data lacks it: the harmless instructions (Alpaca) are CC BY-NC and cannot ship with the package."""
+    needed = {s.source for s in probe_cfg.harmful + probe_cfg.benign}
+    missing = sorted(needed - set(manifest.get("by_source", {})))
+    if missing:
+        raise SystemExit(
+            f"sr-ray demo: the probe needs {missing} (configs/fit_probe.yaml), which {data_dir} does not have. "
+            "The vendored demo data cannot carry it (the harmless instructions are Alpaca-derived, CC BY-NC 4.0). "
+            "Point --data-dir (or $SR_RAY_DATA_DIR) at a data directory laid out like shared/data, with "
+            "refusal_direction/splits/{harmful,harmless}_{train,val}.json.")
 
 
 def asr_table(metrics: dict) -> str:
