@@ -122,6 +122,12 @@ class SaptConfig(StageConfig):
     # guard the bundle is trained for, and per-epoch validation
     interval: int = 16
     threshold: float = 0.2
+    # None: flag at `threshold` (the paper's 0.2). A rate: every epoch the threshold is re-chosen on the val
+    # split, as the largest one in `threshold_range` that flags at most this share of the benign val answers
+    # read with that epoch's soft prompt; the bundle keeps its epoch's threshold. (A probe fit on prompt-end
+    # states reads differently at the soft token: on the CPU demo 0.2 flagged about half the harmful answers.)
+    calibrate_benign_flag_rate: float | None = None
+    threshold_range: tuple[float, float] = (0.05, 0.5)
     val_limit: int | None = 128  # per label (harmful / benign) of the val split
     val_max_new_tokens: int = 256
     val_batch_size: int = 8
@@ -142,6 +148,7 @@ class SaptConfig(StageConfig):
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        self.threshold_range = tuple(self.threshold_range)
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
         if self.zero_stage not in (0, 1, 2, 3):

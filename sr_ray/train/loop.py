@@ -33,6 +33,17 @@ def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return values
 
 
+def _all_gather(values: list) -> list:
+    """Every rank's list, concatenated (the rank's own list when not distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(values))
+    return [v for part in gathered for v in part]
+
+
 def _maybe_die(marker: str | None, rank: int, epoch: int, step: int) -> None:
     """Fault injection for the recovery test: a real process death, once (the marker is deleted first)."""
     if marker and rank == 1 and epoch == 1 and step == 0 and os.path.exists(marker):
@@ -50,7 +61,9 @@ def train_loop(config: dict) -> None:
     from sr_ray.runtime import quiet_third_party
     from sr_ray.train.config import SaptConfig
     from sr_ray.train.deepspeed_setup import deepspeed_config, gathered_parameter, import_deepspeed, lr_scheduler
-    from sr_ray.train.sapt import ValCounts, Validator, build_example, example_rng, sapt_loss, weights_sha256
+    from sr_ray.train.sapt import (
+        ValCounts, Validator, build_example, calibrated_threshold, example_rng, sapt_loss, weights_sha256,
+    )
 
     quiet_third_party()
     cfg = SaptConfig(**config["sapt"])
@@ -88,8 +101,12 @@ def train_loop(config: dict) -> None:
         return SoftPrompt(gathered_parameter(engine.module.embeddings), vlm.model_id, cfg.init_text).to(device)
 
     def validate(prompt: SoftPrompt | None) -> dict:
-        counts = ValCounts.from_tensor(_all_reduce(validator.run(prompt).as_tensor()))
-        return counts.metrics()
+        threshold = cfg.threshold
+        if prompt is not None and cfg.calibrate_benign_flag_rate is not None:
+            readings = _all_gather(validator.benign_min_readings(prompt))
+            threshold = calibrated_threshold(readings, cfg.calibrate_benign_flag_rate, *cfg.threshold_range)
+        counts = ValCounts.from_tensor(_all_reduce(validator.run(prompt, threshold).as_tensor()))
+        return counts.metrics() | ({"val/threshold": threshold} if prompt is not None else {})
 
     validator = Validator(vlm, probe, val_rows, seed=cfg.seed, interval=cfg.interval, threshold=cfg.threshold,
                           max_new_tokens=cfg.val_max_new_tokens, batch_size=cfg.val_batch_size,

@@ -14,7 +14,7 @@ without autograd (it cannot depend on the soft prompt).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,16 @@ def weights_sha256(vlm: VLM) -> str:
     return digest.hexdigest()
 
 
+def calibrated_threshold(benign_min_p_safe: list[float], max_flag_rate: float, lo: float, hi: float) -> float:
+    """The largest threshold in [lo, hi] that flags at most `max_flag_rate` of the benign answers; an answer is
+    flagged when its lowest P(safe) reading is below the threshold. `lo` is a floor: below it, flag anyway."""
+    readings = sorted(benign_min_p_safe)
+    allowed = int(max_flag_rate * len(readings))
+    if allowed >= len(readings):
+        return hi
+    return min(max(readings[allowed], lo), hi)
+
+
 @dataclass
 class ValCounts:
     """Sums over one rank's share of the val split (all-reduced across ranks before use)."""
@@ -169,18 +179,28 @@ class Validator:
         self.batch_size, self.cls_weight, self.max_target_tokens = batch_size, cls_weight, max_target_tokens
         self.undefended = self._generate(None, guard=False)
 
-    def _generate(self, soft_prompt: SoftPrompt | None, guard: bool) -> list:
-        gen = GuardedGenerator(self.vlm, soft_prompt, self.probe, self.guard)
+    def _generate(self, soft_prompt: SoftPrompt | None, guard: bool, threshold: float | None = None,
+                  rows: list[int] | None = None) -> list:
+        gen = GuardedGenerator(self.vlm, soft_prompt, self.probe, replace(self.guard, threshold=self.guard.threshold if threshold is None else threshold))
+        prompts = self.prompts if rows is None else [self.prompts[i] for i in rows]
         outs = []
-        for i in range(0, len(self.prompts), self.batch_size):
-            outs += gen.generate(self.prompts[i : i + self.batch_size], self.sampling, guard=guard)
+        for i in range(0, len(prompts), self.batch_size):
+            outs += gen.generate(prompts[i : i + self.batch_size], self.sampling, guard=guard)
         return outs
 
     @torch.no_grad()
-    def run(self, soft_prompt: SoftPrompt | None) -> ValCounts:
-        """Counts for `soft_prompt`; None measures the undefended model (no reminder at all)."""
+    def benign_min_readings(self, soft_prompt: SoftPrompt) -> list[float]:
+        """Lowest P(safe) over every check of each benign answer, read with `soft_prompt` (never flagging)."""
+        benign = [i for i, safe in enumerate(self.safe) if safe]
+        outs = self._generate(soft_prompt, guard=True, threshold=1e-12, rows=benign)
+        return [min(c.p_safe for c in out.checks) for out in outs if out.checks]
+
+    @torch.no_grad()
+    def run(self, soft_prompt: SoftPrompt | None, threshold: float | None = None) -> ValCounts:
+        """Counts for `soft_prompt` (flagging at `threshold`, default the guard's); None measures the
+        undefended model (no reminder at all)."""
         counts = ValCounts()
-        outs = self.undefended if soft_prompt is None else self._generate(soft_prompt, guard=True)
+        outs = self.undefended if soft_prompt is None else self._generate(soft_prompt, guard=True, threshold=threshold)
         if soft_prompt is not None:
             for i in range(0, len(self.examples), self.batch_size):
                 chunk = self.examples[i : i + self.batch_size]

@@ -131,7 +131,8 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     bundle_dir = run_dir / "bundle"
     with checkpoint.as_directory() as ckpt:
         soft_prompt = SoftPrompt.load(Path(ckpt) / "soft_prompt")
-    bundle = ReminderBundle(soft_prompt, probe, soft_prompt.base_model_id, cfg.interval, cfg.threshold,
+    threshold = chosen.get("val/threshold", cfg.threshold)  # calibrated per epoch when configured
+    bundle = ReminderBundle(soft_prompt, probe, soft_prompt.base_model_id, cfg.interval, threshold,
                             _data_checksum(cfg.path(cfg.data_dir, "data")))
     bundle.save(bundle_dir)
     epochs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])

@@ -74,6 +74,7 @@ def pipeline(ray_session, tmp_path_factory):
                      lr_schedule="cosine",
                      batch_size=4, num_workers=2, zero_stage=2, val_limit=2, val_max_new_tokens=12,
                      max_target_tokens=16, interval=4, max_failures=1, fault_marker=str(marker),
+                     calibrate_benign_flag_rate=0.0, threshold_range=(0.05, 0.5),
                      registered_model="reminder-e2e")
     bundle_dir, run_id, version = run_sapt(cfg)
     return dict(work=work, rollout=rollout, probe_dir=probe_dir, probe_metrics=probe_metrics, marker=marker,
@@ -123,6 +124,18 @@ def test_killed_worker_resumes_from_checkpoint_with_epoch_count_intact(pipeline)
     assert [m["global_step"] for m in epochs] == [steps * (e + 1) for e in range(EPOCHS)]
 
 
+def test_threshold_calibrated_every_epoch_and_kept_by_the_bundle(pipeline):
+    from sr_ray.reminder import ReminderBundle
+
+    thresholds = [m["val/threshold"] for m in pipeline["summary"]["epochs"]]
+    assert len(thresholds) == EPOCHS and all(0.05 <= t <= 0.5 for t in thresholds)
+    bundle = ReminderBundle.load(pipeline["bundle_dir"])
+    assert bundle.threshold == pipeline["summary"]["bundle_metrics"]["val/threshold"]
+    # Rate 0: no benign val answer may be flagged at the calibrated threshold (unless it hit the floor).
+    for m in pipeline["summary"]["epochs"]:
+        assert m["val/flag_rate_benign"] == 0.0 or m["val/threshold"] == 0.05
+
+
 def test_base_weights_bit_identical_after_training(pipeline, client):
     from sr_ray.models import load_vlm
     from sr_ray.train.sapt import weights_sha256
@@ -164,7 +177,7 @@ def test_bundle_round_trips_through_mlflow_and_guards(pipeline):
     best = max(epochs, key=lambda m: (m["val/score"], -m["val/lm_loss"], m["epoch"]))
     assert pipeline["summary"]["bundle_epoch"] == best["epoch"]
     assert not torch.equal(bundle.soft_prompt.embeddings, SoftPrompt.from_text(vlm).embeddings)  # it trained
-    assert (bundle.base_model_id, bundle.interval, bundle.threshold) == (MODEL, 4, 0.2)
+    assert (bundle.base_model_id, bundle.interval, bundle.threshold) == (MODEL, 4, best["val/threshold"])
     from sr_ray.data import manifest_checksum
 
     assert bundle.data_checksum == manifest_checksum(pipeline["work"] / "data")

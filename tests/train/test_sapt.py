@@ -13,7 +13,9 @@ from PIL import Image
 
 from sr_ray.models import Prompt
 from sr_ray.reminder import HarmProbe, SoftPrompt
-from sr_ray.train.sapt import SaptExample, build_example, eos_token_id, sapt_loss, target_ids, weights_sha256
+from sr_ray.train.sapt import (
+    SaptExample, build_example, calibrated_threshold, eos_token_id, sapt_loss, target_ids, weights_sha256,
+)
 from tests.reminder.reference import full_hidden
 
 
@@ -110,3 +112,14 @@ def test_loss_falls_on_a_fixed_batch_and_only_the_soft_prompt_moves(tiny_vlm):
     assert not torch.equal(soft_prompt.embeddings.detach(), start)
     assert all(p.grad is None for p in vlm.model.parameters())
     assert weights_sha256(vlm) == before
+
+
+def test_calibrated_threshold_flags_at_most_the_allowed_share_of_benign_answers():
+    readings = [0.9, 0.35, 0.6, 0.8, 0.41, 0.7, 0.95, 0.5, 0.66, 0.72]
+    t = calibrated_threshold(readings, 0.0, 0.05, 0.9)
+    assert t == 0.35 and sum(r < t for r in readings) == 0
+    t = calibrated_threshold(readings, 0.1, 0.05, 0.9)  # one of ten may be flagged
+    assert t == 0.41 and sum(r < t for r in readings) == 1
+    assert calibrated_threshold(readings, 0.0, 0.05, 0.3) == 0.3  # capped
+    assert calibrated_threshold([0.01, 0.9], 0.0, 0.05, 0.5) == 0.05  # floored: flags anyway
+    assert calibrated_threshold([0.4], 1.0, 0.05, 0.5) == 0.5
