@@ -118,14 +118,17 @@ def weights_sha256(vlm: VLM) -> str:
     return digest.hexdigest()
 
 
-def calibrated_threshold(benign_min_p_safe: list[float], max_flag_rate: float, lo: float, hi: float) -> float:
+def calibrated_threshold(benign_min_p_safe: list[float], max_flag_rate: float, lo: float, hi: float,
+                         margin: float = 1e-4) -> float:
     """The largest threshold in [lo, hi] that flags at most `max_flag_rate` of the benign answers; an answer is
-    flagged when its lowest P(safe) reading is below the threshold. `lo` is a floor: below it, flag anyway."""
+    flagged when its lowest P(safe) reading is below the threshold. `lo` is a floor: below it, flag anyway.
+    `margin` keeps the threshold clear of the reading it is set by: decoding the same answer in another batch
+    (other rows, padding, a flagged neighbour's masked reminder) changes the reading in its last digits."""
     readings = sorted(benign_min_p_safe)
     allowed = int(max_flag_rate * len(readings))
     if allowed >= len(readings):
         return hi
-    return min(max(readings[allowed], lo), hi)
+    return min(max(readings[allowed] - margin, lo), hi)
 
 
 @dataclass

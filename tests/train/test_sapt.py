@@ -117,9 +117,10 @@ def test_loss_falls_on_a_fixed_batch_and_only_the_soft_prompt_moves(tiny_vlm):
 def test_calibrated_threshold_flags_at_most_the_allowed_share_of_benign_answers():
     readings = [0.9, 0.35, 0.6, 0.8, 0.41, 0.7, 0.95, 0.5, 0.66, 0.72]
     t = calibrated_threshold(readings, 0.0, 0.05, 0.9)
-    assert t == 0.35 and sum(r < t for r in readings) == 0
+    assert t == pytest.approx(0.35 - 1e-4) and sum(r < t for r in readings) == 0
+    assert sum(r - 5e-5 < t for r in readings) == 0  # a reading that moves in its last digits stays unflagged
     t = calibrated_threshold(readings, 0.1, 0.05, 0.9)  # one of ten may be flagged
-    assert t == 0.41 and sum(r < t for r in readings) == 1
+    assert t == pytest.approx(0.41 - 1e-4) and sum(r < t for r in readings) == 1
     assert calibrated_threshold(readings, 0.0, 0.05, 0.3) == 0.3  # capped
     assert calibrated_threshold([0.01, 0.9], 0.0, 0.05, 0.5) == 0.05  # floored: flags anyway
     assert calibrated_threshold([0.4], 1.0, 0.05, 0.5) == 0.5
