@@ -59,12 +59,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from sr_ray.runtime import ray_runtime_env
     from sr_ray.train import run_fit_probe, run_rollout, run_sapt
     from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
-    from sr_ray.train.tracking import default_tracking_uri
+    from sr_ray.train.tracking import tracking_uri_for
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir).resolve() if cfg.data_dir else default_data_dir()
-    tracking_uri = default_tracking_uri(out)
+    tracking_uri = tracking_uri_for(out)  # $MLFLOW_TRACKING_URI, else sqlite under DIR
     shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
     print(f"sr-ray demo: model={cfg.model} data={data_dir} out={out}\nMLflow: {tracking_uri} (experiment {EXPERIMENT})")
     if not ray.is_initialized():

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 EXPERIMENT = "sr_ray-eval"
-
-
-def tracking_uri_for(out: str | Path, tracking_uri: str | None) -> str:
-    """The given store, else $MLFLOW_TRACKING_URI, else a sqlite store next to the run's outputs."""
-    from sr_ray.train.tracking import default_tracking_uri
-
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
 
 
 def resolve_bundle_dir(uri: str | None, tracking_uri: str | None) -> str | None:

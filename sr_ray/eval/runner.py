@@ -24,13 +24,14 @@ from sr_ray.eval.awareness import AwarenessConfig, awareness_rows, run_awareness
 from sr_ray.eval.benchmarks import (
     BENCHMARK_ORDER, BENCHMARKS, benchmark_rows, default_inline_typography, preprocess_selection, sample_by_category,
 )
-from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, tracking_uri_for, versions
+from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, versions
 from sr_ray.eval.judges import make_judge
 from sr_ray.eval.metrics import (
     add_changed, add_views, category_metrics, clean_json, compute_metrics, judge_views, metrics_table,
 )
 from sr_ray.eval.plots import plot_asr, plot_attack_losses, plot_categories
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
+from sr_ray.train.tracking import tracking_uri_for
 
 
 @dataclass

@@ -23,6 +23,11 @@ def default_tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
+def tracking_uri_for(root: str | Path, tracking_uri: str | None = None) -> str:
+    """The given store, else $MLFLOW_TRACKING_URI (a team's server), else a sqlite store under `root`."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
 def mlflow_client(tracking_uri: str | None):
     from mlflow import MlflowClient
 

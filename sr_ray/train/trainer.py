@@ -96,7 +96,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     prefs, quarantined = load_preferences(cfg.train_data or [cfg.path(None, "rollout/rollout.parquet")])
     train, val = split_preferences(prefs, cfg)
 
-    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(cfg.work_dir)
+    tracking_uri = tracking.tracking_uri_for(cfg.work_dir, cfg.tracking_uri)
     params = to_dict(cfg) | {"run_name": run_name, "probe_dir": str(probe_dir), "n_train": len(train), "n_val": len(val),
                              "n_quarantined": len(quarantined), "probe_fit": probe.fit_info}
     run_id = _mlflow_run(cfg, tracking_uri, run_name, params)

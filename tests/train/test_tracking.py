@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-from sr_ray.train.tracking import default_tracking_uri, ensure_experiment, log_bundle, resolve_bundle, start_run
+from sr_ray.train.tracking import (
+    default_tracking_uri, ensure_experiment, log_bundle, resolve_bundle, start_run, tracking_uri_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,14 @@ def make_bundle(directory: Path, seed: int) -> ReminderBundle:
                             "tiny-llava", interval=8, threshold=0.25, data_checksum=f"sha-{seed}")
     bundle.save(directory)
     return bundle
+
+
+def test_store_choice_flag_then_environment_then_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri_for(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking_uri_for(tmp_path) == "http://mlflow.internal:5000"  # every stage follows a team's server
+    assert tracking_uri_for(tmp_path, "sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_default_store_and_experiment_artifact_root(store):
