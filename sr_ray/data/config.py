@@ -25,9 +25,7 @@ class PreprocessConfig:
     max_side: int = 768
     num_cpus: int | None = None  # for ray.init when no Ray session is running; None = all cores
     rows_per_block: int = 32  # Ray Data block / batch size for the decode stage
-    # Decode tasks reserve half a CPU: two per core fill the gaps a task leaves while it reads files and
-    # waits to be scheduled (measured on 2 cores, 1,940 rows: 1.20x the loop at 1 CPU per task, 1.35x at 0.5).
-    cpus_per_task: float = 0.5
+    cpus_per_task: float = 1.0  # CPUs each decode task reserves (Ray Data `num_cpus`)
     executor: str = "ray"  # "ray" (Ray Data) or "loop" (one process; for debugging and the benchmark)
     progress: bool = True
     mmsafetybench_images: str | None = None  # user folder <scenario>/{SD_TYPO,SD}/<id>.jpg (upstream imgs/)

@@ -35,6 +35,7 @@ from sr_ray.data.typography import font_names
 log = logging.getLogger(__name__)
 
 TEXT_ROWS_PER_BLOCK_FACTOR = 64  # text rows are cheap: 64x bigger blocks than image rows
+QUARANTINE_SCAN_ROWS = 4096
 QUARANTINE_COLUMNS = ["id", "item_id", "source", "variant", "quarantine_reason", "provenance", "prompt"]
 # Config fields that change the output data (the rest are about how/where the run happens).
 DATA_CONFIG_FIELDS = ("sources", "variants", "limit_per_source", "seed", "split_fractions",
@@ -132,11 +133,12 @@ def ensure_ray(num_cpus: int | None) -> None:
 def run_with_ray(rows: list[dict], cfg: PreprocessConfig, shard_dir: Path) -> list[dict]:
     """Ray Data: decode in parallel tasks, write shards; returns the quarantined rows."""
     import ray
+    from ray.data import DataContext
 
     from sr_ray.data.tokenize import ChatTokenize
 
     ensure_ray(cfg.num_cpus)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    DataContext.get_current().enable_progress_bars = cfg.progress
     # Image rows do the heavy work: small blocks spread it over all CPUs. Text rows: big blocks.
     image_rows = [r for r in rows if r["image_path"] or r["render_style"]]
     text_rows = [r for r in rows if not (r["image_path"] or r["render_style"])]
@@ -148,14 +150,21 @@ def run_with_ray(rows: list[dict], cfg: PreprocessConfig, shard_dir: Path) -> li
     if not parts:
         return []
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # Ray Data's per-operator resource reservation (on by default) held the decode stage to one task for 54% of
+    # the run on a 2-CPU node (1,940 image rows: 19.6 s warm, 14.3 s without it). The decode dataset has one
+    # operator, so there is nothing to reserve for; the datasets after it keep the default.
+    ds.context.op_resource_reservation_enabled = False
     processed = ds.map_batches(process_batch, fn_kwargs={"limits": cfg.image_limits}, batch_format="pyarrow",
                                batch_size=None, zero_copy_batch=True, num_cpus=cfg.cpus_per_task).materialize()
+    processed.context.op_resource_reservation_enabled = DataContext.get_current().op_resource_reservation_enabled
     good = processed.map_batches(keep_rows, fn_kwargs={"quarantined": False}, batch_format="pyarrow", batch_size=None)
     good = good.drop_columns(list(PIPELINE_ONLY_COLUMNS))
     if cfg.tokenizer:
         good = good.map_batches(ChatTokenize, fn_constructor_args=(cfg.tokenizer,), batch_format="pyarrow", concurrency=1)
     good.write_parquet(str(shard_dir), min_rows_per_file=1024)
-    bad = processed.map_batches(keep_rows, fn_kwargs={"quarantined": True}, batch_format="pyarrow", batch_size=None)
+    # Quarantined rows are few: one task per QUARANTINE_SCAN_ROWS rows instead of one per block.
+    bad = processed.map_batches(keep_rows, fn_kwargs={"quarantined": True}, batch_format="pyarrow",
+                                batch_size=QUARANTINE_SCAN_ROWS)
     return bad.select_columns(QUARANTINE_COLUMNS).take_all()
 
 
