@@ -56,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from sr_ray.data import PreprocessConfig, default_data_dir, run_preprocess
     from sr_ray.eval.report import write_report
     from sr_ray.eval.runner import EvaluateConfig, evaluate
-    from sr_ray.runtime import ray_runtime_env
+    from sr_ray.runtime import ensure_ray
     from sr_ray.train import run_fit_probe, run_rollout, run_sapt
     from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
     from sr_ray.train.tracking import tracking_uri_for
@@ -67,9 +67,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     tracking_uri = tracking_uri_for(out)  # $MLFLOW_TRACKING_URI, else sqlite under DIR
     shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
     print(f"sr-ray demo: model={cfg.model} data={data_dir} out={out}\nMLflow: {tracking_uri} (experiment {EXPERIMENT})")
-    if not ray.is_initialized():
-        # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, runtime_env=ray_runtime_env())
+    # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
+    ensure_ray(cfg.num_cpus, dashboard=True)
 
     stages = _Stages(6)
     pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from sr_ray.models import Prompt, load_vlm
-from sr_ray.reminder import GuardConfig, GuardedGenerator, ReminderBundle, SamplingConfig
+from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
 
 # Self-Reminder baseline (Xie et al. 2023) exactly as the official SafetyReminder repo applies it: the
 # sentence joins the system prompt and is also appended to every user question (SelfReminder.py:6-10).
@@ -110,10 +110,9 @@ def run_inference(rows: list[dict] | pd.DataFrame, cfg: InferenceConfig) -> pd.D
     """Answer every row under every system with a Ray Data actor pool; returns one row per (row, system)."""
     import ray
 
-    from sr_ray.runtime import ray_runtime_env
+    from sr_ray.runtime import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(runtime_env=ray_runtime_env(), include_dashboard=False)
+    ensure_ray()
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if frame.empty:
         return frame

@@ -31,3 +31,21 @@ def ray_runtime_env(extra: dict | None = None) -> dict:
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return {"env_vars": env}
+
+
+def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one.
+
+    A local Ray started here runs its workers at normal priority: Ray's default (nice 15) makes them yield
+    to every other process on a shared machine, so a "parallel" run could be slower than the same work in
+    one normal-priority process. `dashboard` hosts the State API that Ray Train's controller polls.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=ray_runtime_env())
+    else:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=ray_runtime_env())

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from sr_ray.data.config import PreprocessConfig
 from sr_ray.data.manifest import SHARDS, summarise_shards
-from sr_ray.data.pipeline import ensure_ray, read_rows, run_in_loop, run_with_ray
+from sr_ray.data.pipeline import read_rows, run_in_loop, run_with_ray
+from sr_ray.runtime import ensure_ray
 
 BENCH_SOURCES = ["figstep", "mmvet", "mmsafetybench"]
 BENCH_VARIANTS = ["image", "typo"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from sr_ray.data.schema import PIPELINE_ONLY_COLUMNS, PIPELINE_SCHEMA, SOURCES
 from sr_ray.data.sources import READERS, SourceContext, SourceMissing
 from sr_ray.data.splits import hash_split
 from sr_ray.data.typography import font_names
+from sr_ray.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -108,26 +108,6 @@ def process_batch(batch: pa.Table, limits: ImageLimits) -> pa.Table:
 def keep_rows(batch: pa.Table, quarantined: bool) -> pa.Table:
     is_bad = pc.is_valid(batch.column("quarantine_reason"))
     return batch.filter(is_bad if quarantined else pc.invert(is_bad))
-
-
-def ensure_ray(num_cpus: int | None) -> None:
-    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one.
-
-    A local Ray started here runs its workers at normal priority: Ray's default (nice 15) makes
-    them yield to every other process on a shared machine, so a "parallel" run could be slower
-    than the same work in one normal-priority process.
-    """
-    import ray
-
-    from sr_ray.runtime import ray_runtime_env
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=ray_runtime_env())
-    else:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=ray_runtime_env())
 
 
 def run_with_ray(rows: list[dict], cfg: PreprocessConfig, shard_dir: Path) -> list[dict]:

@@ -90,7 +90,7 @@ class EvaluateConfig:
 def _init_ray(num_cpus: int | None) -> None:
     """The running Ray, else $RAY_ADDRESS (a Ray job), else a local one at normal worker priority with
     oversubscribed logical CPUs: inference actors hold theirs while Ray Data tasks still need some."""
-    from sr_ray.data.pipeline import ensure_ray
+    from sr_ray.runtime import ensure_ray
 
     ensure_ray(num_cpus or max(4, os.cpu_count() or 1))
 

@@ -49,7 +49,7 @@ def load_vlm(name: str = EMBEDDED_DEFAULT, dtype: str | torch.dtype | None = Non
     if name in TINY_BUILDERS:
         model, processor = TINY_BUILDERS[name]()
         return VLM(model.to(device=device, dtype=dtype), processor, model_id=name)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     if name == EMBEDDED_DEFAULT:
         from sr_ray.models.smol_llava import smol_llava_dir

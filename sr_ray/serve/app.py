@@ -16,8 +16,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from sr_ray.data.pipeline import ensure_ray
-from sr_ray.runtime import quiet_third_party, ray_runtime_env
+from sr_ray.runtime import ensure_ray, quiet_third_party, ray_runtime_env
 from sr_ray.serve.api import create_api
 from sr_ray.serve.config import ServeConfig
 from sr_ray.serve.model import GenerationJob, GuardedModel
@@ -57,7 +56,7 @@ def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
     priority), start Serve's HTTP proxy on cfg.host:cfg.port, deploy; return the base URL."""
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
-    ensure_ray(num_cpus=None)
+    ensure_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port,
                               "request_timeout_s": cfg.limits.request_timeout_s + 30})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)

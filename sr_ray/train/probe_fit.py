@@ -91,7 +91,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     import ray
 
     from sr_ray.reminder import HarmProbe
-    from sr_ray.runtime import ray_runtime_env
+    from sr_ray.runtime import ensure_ray
     from sr_ray.train import tracking
     from sr_ray.train.plots import plot_roc
 
@@ -101,8 +101,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     splits = {split: build(cfg, split) for split in ("train", "val")}
     if len({r["safe"] for r in splits["train"]}) < 2:
         raise ValueError(f"the probe's train split needs harmful and harmless rows, got {len(splits['train'])} of one kind")
-    if not ray.is_initialized():
-        ray.init(runtime_env=ray_runtime_env(), include_dashboard=False)
+    ensure_ray()
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(extract_features)
     # One task: the model loads once for both splits.
     model_id, all_feats = ray.get(task.remote(cfg.model, cfg.model_kwargs, splits["train"] + splits["val"],

@@ -81,7 +81,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     from ray.train.torch import TorchTrainer
 
     from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-    from sr_ray.runtime import ray_runtime_env
+    from sr_ray.runtime import ensure_ray, ray_runtime_env
     from sr_ray.train import tracking
     from sr_ray.train.loop import train_loop
     from sr_ray.train.plots import plot_training
@@ -105,8 +105,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
         (run_dir / "quarantine.jsonl").write_text("".join(json.dumps(vars(q)) + "\n" for q in quarantined))
         client.log_artifact(run_id, str(run_dir / "quarantine.jsonl"))
 
-    if not ray.is_initialized():
-        ray.init(runtime_env=ray_runtime_env(), include_dashboard=False)
+    ensure_ray(dashboard=True)  # the State API that Ray Train's controller polls
     ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop,

@@ -114,7 +114,7 @@ def test_mlflow_server_runs_on_the_head_with_sqlite_and_shared_artifacts(config)
     assert destination.startswith("/mnt/shared/")  # every node must see the artifacts
     port = re.search(r"--port (\d+)", server).group(1)
     # where the stages find it: the head's login shell, and the workers' raylet environment
-    assert any(f"MLFLOW_TRACKING_URI=http://" in c and f":{port}" in c for c in commands(config, "head_setup_commands"))
+    assert any("MLFLOW_TRACKING_URI=http://" in c and f":{port}" in c for c in commands(config, "head_setup_commands"))
     [start] = [c for c in commands(config, "worker_start_ray_commands") if "ray start" in c]
     assert f"MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:{port};" in start
 
