@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_evaluate_arguments(parser)
-    parser.set_defaults(config="configs/evaluate.yaml")
     return cmd_evaluate(parser.parse_args(argv))
 
 

@@ -12,7 +12,8 @@ def _csv_list(value: str) -> list[str]:
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Overrides of `EvaluateConfig` (shared with pipelines/evaluate.py); None keeps the YAML/default."""
-    p.add_argument("--config", help="YAML with EvaluateConfig fields (e.g. configs/evaluate.yaml)")
+    p.add_argument("--config", default="configs/evaluate.yaml",
+                   help="YAML with EvaluateConfig fields (default configs/evaluate.yaml; '' = the dataclass defaults)")
     p.add_argument("--bundle", help="reminder bundle: a directory or models:/NAME/VERSION")
     p.add_argument("--data-dir", help="raw benchmark data laid out like shared/data (preprocessed into OUT/data)")
     p.add_argument("--processed-dir", help="reuse an `sr-ray preprocess` output instead")
@@ -40,12 +41,20 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip writing report.html/.md")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sr_ray.eval.report import write_report
-    from sr_ray.eval.runner import EvaluateConfig, evaluate
+def evaluate_config(args: argparse.Namespace):
+    """The YAML (`--config`; '' = none), then the flags that were given."""
+    from sr_ray.eval.runner import EvaluateConfig
+    from sr_ray.train.config import config_file
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report")}
-    cfg = EvaluateConfig.from_yaml(args.config, **overrides)
+    return EvaluateConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sr_ray.eval.report import write_report
+    from sr_ray.eval.runner import evaluate
+
+    cfg = evaluate_config(args)
     metrics = evaluate(cfg)
     print(json.dumps({s: {b: {k: m[k] for k in ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")}
                           for b, m in benches.items()} for s, benches in metrics.items()}, indent=1))
@@ -57,7 +66,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("attack", choices=["pgd", "pgd-adaptive", "gcg"])
-    p.add_argument("--config", help="YAML with AttackConfig fields (e.g. configs/attack.yaml)")
+    p.add_argument("--config", default="configs/attack.yaml",
+                   help="YAML with AttackConfig fields (default configs/attack.yaml, CPU-sized; '' = the official settings)")
     p.add_argument("--out")
     p.add_argument("--data-dir")
     p.add_argument("--processed-dir")
@@ -65,8 +75,8 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="pgd-adaptive: the guarded pipeline under attack")
     p.add_argument("--tracking-uri")
     p.add_argument("--clean-image", help="PGD start image (default: uniform gray)")
-    p.add_argument("--n-train", type=int, help="PGD: AdvBench train goals (default all 320)")
-    p.add_argument("--n-test", type=int, help="AdvBench test goals written out (default all 100)")
+    p.add_argument("--n-train", type=int, help="PGD: AdvBench train goals (official 320)")
+    p.add_argument("--n-test", type=int, help="AdvBench test goals written out (official 100)")
     p.add_argument("--steps", type=int, help="PGD steps (official 3000) / GCG steps (official 500)")
     p.add_argument("--epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
     p.add_argument("--step-size", type=float, help="PGD step (official 1/255)")
@@ -76,8 +86,10 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
-def cmd_attack(args: argparse.Namespace) -> int:
-    from sr_ray.eval.attacks.runner import AttackConfig, run_attack
+def attack_config(args: argparse.Namespace):
+    """The YAML (`--config`; '' = none), then the flags that were given."""
+    from sr_ray.eval.attacks.runner import AttackConfig
+    from sr_ray.train.config import config_file
 
     section = "gcg" if args.attack == "gcg" else "pgd"
     overrides = dict(attack=args.attack, out=args.out, data_dir=args.data_dir, processed_dir=args.processed_dir,
@@ -86,7 +98,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     overrides |= {f"{section}_steps": args.steps, f"{section}_seed": args.seed, "pgd_epsilon": args.epsilon,
                   "pgd_step_size": args.step_size, "pgd_batch_size": args.batch_size,
                   "gcg_search_width": args.search_width, "gcg_topk": args.topk}
-    run_attack(AttackConfig.from_yaml(args.config, **overrides))
+    return AttackConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from sr_ray.eval.attacks.runner import run_attack
+
+    run_attack(attack_config(args))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import yaml
 
@@ -28,9 +27,7 @@ def stage_config(command: str, args: argparse.Namespace):
     from sr_ray.train import config as config_module
 
     cls_name, section, _, _ = STAGES[command]
-    path = Path(args.config)
-    if not path.exists() and not path.is_absolute() and (config_module.REPO_ROOT / path).exists():
-        path = config_module.REPO_ROOT / path  # the default works from any directory of a source checkout
+    path = config_module.config_file(args.config)
     overrides = {k: getattr(args, k) for k in ("model", "work_dir", "tracking_uri", "data_dir") if hasattr(args, k)}
     for key in ("num_workers", "epochs", "run_name"):
         overrides[key] = getattr(args, key, None)

@@ -18,6 +18,16 @@ from typing import Literal
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_file(path: str | Path) -> Path:
+    """A config path as given, or, when it is relative and missing here, the source checkout's file of that
+    name: the default `configs/<stage>.yaml` works from any directory."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
 OFFICIAL_REJECTED = "I'm sorry, but I cannot help with that."  # the official constant (DPO_dataset.py:24)
 DEFAULT_REFUSALS = [
     "I'm sorry, but I cannot help with that request.",

@@ -39,10 +39,9 @@ def build_config(command: str, args):
 
         return config_from_args(args)
     if command == "evaluate":
-        from sr_ray.eval.runner import EvaluateConfig
+        from sr_ray.eval.cli import evaluate_config
 
-        overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report")}
-        return EvaluateConfig.from_yaml(args.config, **overrides)
+        return evaluate_config(args)
     if command == "serve":
         from sr_ray.serve.cli import config_from_args
 

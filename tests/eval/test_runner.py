@@ -7,12 +7,15 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from sr_ray.cli import build_parser
+from sr_ray.eval.cli import attack_config, evaluate_config
 from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
 from sr_ray.eval.judges import RuleJudge
 from sr_ray.eval.runner import EvaluateConfig
 from sr_ray.infer import SYSTEMS
+from sr_ray.train.config import REPO_ROOT
 
 CONTRACT = ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")
 
@@ -91,8 +94,7 @@ def test_cli_overrides_reach_the_config(tmp_path):
     args = build_parser().parse_args(["evaluate", "--config", str(yaml_path), "--bundle", "b", "--systems",
                                       "self_reminder,safety_reminder", "--limit", "0", "--awareness-max-new-tokens", "9",
                                       "--no-inline-typography"])
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report")}
-    cfg = EvaluateConfig.from_yaml(args.config, **overrides)
+    cfg = evaluate_config(args)
     assert cfg.systems == ["undefended", "self_reminder", "safety_reminder"]  # the reference system is added
     assert (cfg.limit, cfg.max_new_tokens, cfg.inline_typography) == (None, 32, False)
     assert (cfg.awareness.limit, cfg.awareness.max_new_tokens) == (3, 9)
@@ -100,6 +102,23 @@ def test_cli_overrides_reach_the_config(tmp_path):
         EvaluateConfig(systems=["safety_reminder"])
     with pytest.raises(ValueError, match="unknown benchmarks"):
         EvaluateConfig(benchmarks=["advbench_pgd"])
+
+
+def test_cli_default_config_is_the_stage_yaml_from_any_directory(tmp_path, monkeypatch):
+    """`sr-ray evaluate` / `sr-ray attack` read configs/<stage>.yaml like pipelines/<stage>.py; '' = dataclass defaults."""
+    monkeypatch.chdir(tmp_path)  # not the checkout: the default still resolves
+    parse = build_parser().parse_args
+    demo = evaluate_config(parse(["evaluate", "--bundle", "b"]))
+    yaml_values = yaml.safe_load((REPO_ROOT / "configs/evaluate.yaml").read_text())
+    assert (demo.limit, demo.reminder_max_new_tokens) == (yaml_values["limit"], yaml_values["reminder_max_new_tokens"])
+    assert (demo.limit, demo.reminder_max_new_tokens) != (EvaluateConfig.limit, EvaluateConfig.reminder_max_new_tokens)
+    bare = evaluate_config(parse(["evaluate", "--bundle", "b", "--config", ""]))
+    assert (bare.limit, bare.reminder_max_new_tokens) == (EvaluateConfig.limit, EvaluateConfig.reminder_max_new_tokens)
+    pgd_steps = yaml.safe_load((REPO_ROOT / "configs/attack.yaml").read_text())["pgd"]["steps"]
+    assert attack_config(parse(["attack", "pgd"])).pgd.steps == pgd_steps
+    assert attack_config(parse(["attack", "pgd", "--config", ""])).pgd.steps == 3000  # the official setting
+    with pytest.raises(FileNotFoundError):
+        evaluate_config(parse(["evaluate", "--bundle", "b", "--config", "configs/nope.yaml"]))
 
 
 def test_benchmark_selection_and_sampling():
