@@ -10,11 +10,15 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import tomllib
+from importlib.metadata import metadata
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,3 +142,36 @@ def test_head_downloads_every_preset_model(config):
     for preset in presets:
         model = yaml.safe_load(preset.read_text())["model"]
         assert model in setup, f"{preset.name}: {model} is not downloaded by head_setup_commands"
+
+
+UBUNTU_PYTHON = {"20.04": "3.8", "22.04": "3.10", "24.04": "3.12"}  # python3 of each Ubuntu LTS release
+
+
+def python_mismatches(cluster_text: str, pyproject_text: str) -> list[str]:
+    """Where the cluster's Python, the package's requires-python and its exact pins disagree."""
+    project = tomllib.loads(pyproject_text)["project"]
+    requires = SpecifierSet(project["requires-python"])
+    lowest = re.fullmatch(r">=(\d+\.\d+)", str(requires)).group(1)
+    problems = []
+    ubuntu = re.search(r"nvidia-driver-gpu-ubuntu-(\d+\.\d+)", cluster_text).group(1)
+    if UBUNTU_PYTHON[ubuntu] not in requires:
+        problems.append(f"image Ubuntu {ubuntu} has python {UBUNTU_PYTHON[ubuntu]}, package needs {requires}")
+    guard = re.search(r"sys\.version_info < \((\d+), (\d+)\)", cluster_text)
+    if guard is None or ".".join(guard.groups()) != lowest:
+        problems.append(f"setup_commands' python guard {guard and guard.groups()} != requires-python {lowest}")
+    for dep in map(Requirement, project["dependencies"]):
+        needs = metadata(dep.name)["Requires-Python"]  # the installed pin's own metadata
+        if any(s.operator == "==" for s in dep.specifier) and needs and lowest not in SpecifierSet(needs):
+            problems.append(f"{dep} requires python {needs}, package allows {lowest}")
+    return problems
+
+
+def test_cluster_image_python_and_the_package_agree():
+    cluster_text, pyproject_text = (REPO / "cluster.yaml").read_text(), (REPO / "pyproject.toml").read_text()
+    assert python_mismatches(cluster_text, pyproject_text) == []
+    # the state this test was written against: a 22.04 image and requires-python >=3.10
+    old_image = cluster_text.replace("ubuntu-24.04", "ubuntu-22.04")
+    assert "image Ubuntu 22.04 has python 3.10" in python_mismatches(old_image, pyproject_text)[0]
+    old_package = pyproject_text.replace('requires-python = ">=3.11"', 'requires-python = ">=3.10"')
+    problems = python_mismatches(cluster_text, old_package)
+    assert any("guard" in p for p in problems) and any(p.startswith("transformers==") for p in problems)
