@@ -1,6 +1,7 @@
 """Benchmark keys of the evaluation and the rows behind each: which source/variant/split/label, sampled how.
 
-Only evaluation splits are used: `test` everywhere (AdvBench: the official PGD split's test 100;
+Only evaluation splits are used: `test` by default (`all`: every row, for a data directory no stage trained
+on), where test is, for AdvBench: the official PGD split's test 100;
 harmful_harmless: its own test split; the others: the data pipeline's seeded hash split).
 Models that cannot read typography (the embedded `smol-llava` has an untrained vision tower) get the
 `*_text_inlined` variants of FigStep and MM-SafetyBench-TYPO: the image's text is put in the prompt.
@@ -23,7 +24,6 @@ class Benchmark:
     variant: str
     label: str  # "harmful": ASR is measured; "benign": over-refusal and change are measured
     inlined_variant: str | None = None  # the variant used when typography is inlined
-    split: str = "test"
 
     def variant_for(self, inline_typography: bool) -> str:
         return self.inlined_variant if inline_typography and self.inlined_variant else self.variant
@@ -41,7 +41,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.key: b for b in (
 # Report order; attack datasets (advbench_pgd, advbench_pgd_adaptive, advbench_gcg) come from `sr-ray attack`.
 BENCHMARK_ORDER = ("figstep", "mmsafetybench_typo", "mmsafetybench_text", "vlsafe", "advbench", "advbench_pgd",
                    "advbench_pgd_adaptive", "advbench_gcg", "mmvet", "harmless")
-MODELS_READING_TYPOGRAPHY_BADLY = ("smol-llava",)
+MODELS_READING_TYPOGRAPHY_BADLY = ("smol-llava", "smol-llava-unaligned")
 
 
 def default_inline_typography(model: str) -> bool:
@@ -75,17 +75,18 @@ def sample_by_category(rows: list, limit: int | None, seed: int, category=lambda
 
 
 def benchmark_rows(processed_dir: str | Path, keys: list[str], inline_typography: bool, limit: int | None,
-                   seed: int = 0) -> list[dict]:
-    """Inference rows for the requested built-in benchmarks; a benchmark with no records is left out."""
+                   seed: int = 0, split: str = "test") -> list[dict]:
+    """Inference rows for the requested built-in benchmarks; a benchmark with no records is left out.
+    `split="all"`: every row of every split (for a data directory no stage trained on)."""
     rows = []
     for key in keys:
         b = BENCHMARKS[key]
         records = load_records(processed_dir, source=b.source, variant=b.variant_for(inline_typography),
-                               split=b.split, label=b.label)
+                               split=None if split == "all" else split, label=b.label)
         for rec in sample_by_category(records, limit, seed):
             rows.append(dict(
                 key=f"{key}|{rec.id}", benchmark=key, id=rec.id, source=rec.source, variant=rec.variant,
                 category=rec.category or key, prompt=rec.prompt, image=rec.image, label=rec.label,
-                question=rec.original_question or rec.prompt,
+                question=rec.original_question or rec.prompt, target=rec.reference if b.source == "advbench" else None,
             ))
     return rows

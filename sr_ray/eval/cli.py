@@ -14,7 +14,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Overrides of `EvaluateConfig` (shared with pipelines/evaluate.py); None keeps the YAML/default."""
     p.add_argument("--config", default="configs/evaluate.yaml",
                    help="YAML with EvaluateConfig fields (default configs/evaluate.yaml; '' = the dataclass defaults)")
-    p.add_argument("--bundle", help="reminder bundle: a directory or models:/NAME/VERSION")
+    p.add_argument("--bundle", help="reminder bundle: a directory or models:/NAME/VERSION (default: the shipped one)")
     p.add_argument("--data-dir", help="raw benchmark data laid out like shared/data (preprocessed into OUT/data)")
     p.add_argument("--processed-dir", help="reuse an `sr-ray preprocess` output instead")
     p.add_argument("--out", help="run directory (default runs/eval)")
@@ -23,6 +23,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmarks", type=_csv_list, help="comma-separated built-in benchmark keys (default: all)")
     p.add_argument("--limit", type=int, help="rows per benchmark, spread over categories (0: all)")
     p.add_argument("--attack-dir", dest="attack_dirs", action="append", help="an `sr-ray attack` output (repeatable)")
+    p.add_argument("--attacks", type=_csv_list,
+                   help="attack every harmful benchmark too: prefill,pgd=DIR -> <benchmark>+<attack> entries")
+    p.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="rows of this split (default test; all: a data directory no stage trained on)")
     p.add_argument("--judge", help="rule (default) | llama-guard=PATH | md-judge=PATH")
     p.add_argument("--inline-typography", action=argparse.BooleanOptionalAction, default=None,
                    help="put FigStep/TYPO image text in the prompt (default: on for smol-llava)")

@@ -89,12 +89,13 @@ def summarise(group: pd.DataFrame, harmful: bool) -> dict:
 
 
 def compute_metrics(frame: pd.DataFrame, order: tuple[str, ...] = ()) -> dict:
-    """`{system: {benchmark: summary}}` in system order of appearance and `order` of benchmarks."""
+    """`{system: {benchmark: summary}}` in system order of appearance and `order` of benchmarks; an attacked
+    variant (`figstep+prefill`) follows its benchmark."""
     rank = {b: i for i, b in enumerate(order)}
     out: dict = {}
     for system in dict.fromkeys(frame["system"]):
         sub = frame.loc[frame["system"] == system]
-        benches = sorted(dict.fromkeys(sub["benchmark"]), key=lambda b: (rank.get(b, len(rank)), b))
+        benches = sorted(dict.fromkeys(sub["benchmark"]), key=lambda b: (rank.get(b.split('+')[0], len(rank)), b))
         out[system] = {b: summarise(sub.loc[sub["benchmark"] == b], _harmful(sub, b)) for b in benches}
     return out
 

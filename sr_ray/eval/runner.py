@@ -30,7 +30,9 @@ from sr_ray.eval.metrics import (
     add_changed, add_views, category_metrics, clean_json, compute_metrics, judge_views, metrics_table,
 )
 from sr_ray.eval.plots import plot_asr, plot_attack_losses, plot_categories
+from sr_ray.eval.variants import parse_attacks, with_attacks
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
+from sr_ray.reminder.shipped import default_bundle
 from sr_ray.train.tracking import tracking_uri_for
 
 
@@ -44,6 +46,9 @@ class EvaluateConfig:
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
     attack_dirs: list[str] = field(default_factory=list)  # `sr-ray attack` outputs, evaluated as benchmarks
+    # Attacks applied to every harmful benchmark as `<benchmark>+<attack>` variants: "prefill", "pgd=DIR".
+    attacks: list[str] = field(default_factory=list)
+    split: str = "test"  # "all": every row (a data directory no stage trained on)
     limit: int | None = 16  # rows per benchmark, spread over categories (None or 0: the whole test split)
     seed: int = 0
     inline_typography: bool | None = None  # None: on for models that cannot read typography (smol-llava)
@@ -68,8 +73,12 @@ class EvaluateConfig:
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown:
             raise ValueError(f"unknown benchmarks {unknown}; built-in: {list(BENCHMARKS)} (attacks: --attack-dir)")
+        if self.split not in ("train", "val", "test", "all"):
+            raise ValueError(f"split must be train, val, test or all, got {self.split!r}")
+        self.bundle = self.bundle or default_bundle(self.model)
         if self.bundle is None and any(s.startswith("safety_reminder") for s in self.systems):
-            raise ValueError("the safety_reminder systems need --bundle (a directory or models:/NAME/VERSION)")
+            raise ValueError(f"the safety_reminder systems need --bundle (a directory or models:/NAME/VERSION); "
+                             f"no bundle ships for {self.model!r}")
         if not isinstance(self.awareness, AwarenessConfig):
             self.awareness = AwarenessConfig(**self.awareness)
         if "undefended" not in self.systems:  # the reference for changed_vs_undefended
@@ -99,10 +108,14 @@ def collect_rows(cfg: EvaluateConfig, out: Path) -> tuple[list[dict], Path | Non
     inline = cfg.inline_typography if cfg.inline_typography is not None else default_inline_typography(cfg.model)
     sources, variants = preprocess_selection(cfg.benchmarks, inline)
     processed = prepared_data(cfg.data_dir, cfg.processed_dir, out, sources, variants) if sources else None
-    rows = benchmark_rows(processed, cfg.benchmarks, inline, cfg.limit, cfg.seed) if processed else []
+    rows = benchmark_rows(processed, cfg.benchmarks, inline, cfg.limit, cfg.seed, cfg.split) if processed else []
+    rows = with_attacks(rows, parse_attacks(cfg.attacks))
     for directory in cfg.attack_dirs:
         _, extra = attack_rows(directory)
         rows += sample_by_category(extra, cfg.limit, cfg.seed, category=lambda r: r["category"])
+    for r in rows:  # one schema for every row (a missing column would reach inference as NaN)
+        r.setdefault("answer_prefix", "")
+        r.setdefault("attack", None)
     if not rows:
         raise ValueError(f"no evaluation rows: none of {cfg.benchmarks} has test records in {processed}, no attack rows")
     return rows, processed
@@ -196,7 +209,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                    "provenance.json", "awareness.json", "plots", "attacks")]
     _phase("logging to MLflow", started)
     provenance["mlflow_run_id"] = log_to_mlflow(tracking_uri, f"evaluate-{cfg.model}", asdict(cfg), flat, artifacts,
-                                                tags={"sr_ray.stage": "evaluate"})
+                                                stage="evaluate")
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     return metrics
 

@@ -10,7 +10,8 @@ import torch
 from sr_ray.models.tiny import TINY_BUILDERS
 from sr_ray.models.vlm import QWEN_FAMILY, VLM
 
-EMBEDDED_DEFAULT = "smol-llava"
+EMBEDDED_DEFAULT = "smol-llava"  # safety-aligned; "smol-llava-unaligned": the same LM as shipped
+EMBEDDED = (EMBEDDED_DEFAULT, "smol-llava-unaligned")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -39,7 +40,8 @@ def _load_processor(path, model_type: str):
 
 
 def load_vlm(name: str = EMBEDDED_DEFAULT, dtype: str | torch.dtype | None = None, device: str | None = None, **kwargs) -> VLM:
-    """Load a VLM. `name`: "tiny-llava" | "tiny-qwen2-vl" | "smol-llava" | hub id | local directory.
+    """Load a VLM. `name`: "tiny-llava" | "tiny-qwen2-vl" | "smol-llava" | "smol-llava-unaligned" | hub id |
+    local directory.
 
     Extra kwargs go to the embedded builder (`image_tokens=`). Hub ids load from the local HF cache only
     (offline by design); put weights there (or pass a directory) before running.
@@ -51,10 +53,10 @@ def load_vlm(name: str = EMBEDDED_DEFAULT, dtype: str | torch.dtype | None = Non
         return VLM(model.to(device=device, dtype=dtype), processor, model_id=name)
     from transformers import AutoModelForImageTextToText
 
-    if name == EMBEDDED_DEFAULT:
+    if name in EMBEDDED:
         from sr_ray.models.smol_llava import smol_llava_dir
 
-        path = smol_llava_dir(**kwargs)
+        path = smol_llava_dir(aligned=name == EMBEDDED_DEFAULT, **kwargs)
     else:
         path = Path(name) if Path(name).exists() else name
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)

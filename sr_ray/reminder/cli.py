@@ -11,7 +11,7 @@ def add_commands(sub, bench) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", help="image file (PNG/JPEG)")
     g.add_argument("--system", help="system prompt")
-    g.add_argument("--bundle", help="reminder bundle directory or models:/NAME/VERSION")
+    g.add_argument("--bundle", help="reminder bundle directory or models:/NAME/VERSION (default: the model's shipped one)")
     g.add_argument("--soft-prompt", help="soft prompt artifact directory (with --probe)")
     g.add_argument("--probe", help="probe artifact directory (with --soft-prompt)")
     g.add_argument("--no-guard", action="store_true", help="plain decoding")
@@ -34,7 +34,10 @@ def add_commands(sub, bench) -> None:
 
 def _load_parts(args, vlm):
     from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+    from sr_ray.reminder.shipped import default_bundle
 
+    if not args.bundle and not (args.soft_prompt and args.probe):
+        args.bundle = default_bundle(args.model)
     if args.bundle:
         if args.bundle.startswith("models:/"):
             from sr_ray.train.tracking import resolve_bundle

@@ -107,6 +107,10 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         if self.guard.enabled and not (self.bundle or self.probe):
+            from sr_ray.reminder.shipped import default_bundle
+
+            self.bundle = default_bundle(self.model)  # the shipped bundle guards the embedded default
+        if self.guard.enabled and not (self.bundle or self.probe):
             raise ValueError("guard.enabled needs a reminder: set `bundle` (dir or models:/name/version) or "
                              "`probe` (dir); or run with guard.enabled=false")
         lo, hi = self.guard.interval_bounds

@@ -95,8 +95,23 @@ def pipeline_main(command: str, argv: list[str] | None = None) -> int:
     return COMMANDS[command](parser.parse_args(argv))
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from sr_ray.train.align import AlignConfig, run_align
+
+    print(run_align(AlignConfig(data_dir=args.data_dir, out=args.out, epochs=args.epochs, harmless=args.harmless,
+                                seed=args.seed)))
+    return 0
+
+
 def add_commands(sub, bench) -> None:
     for command, (_, _, _, help_text) in STAGES.items():
         p = sub.add_parser(command, help=help_text)
         add_stage_arguments(p, command)
         p.set_defaults(func=COMMANDS[command])
+    p = sub.add_parser("align", help="rebuild the embedded default's safety alignment (seeded LoRA SFT, PEFT)")
+    p.add_argument("--data-dir", help="raw data laid out like shared/data (needs refusal_direction/splits)")
+    p.add_argument("--out", default="sr_ray/models/adapters/smollm2-135m-safety", help="adapter directory")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--harmless", type=int, default=200, help="harmless_train instructions answered by the model itself")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_align)
