@@ -7,7 +7,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-EXPERIMENT = "sr_ray-eval"
+from sr_ray.train.tracking import EXPERIMENT
 
 
 def resolve_bundle_dir(uri: str | None, tracking_uri: str | None) -> str | None:
@@ -49,7 +49,7 @@ def versions() -> dict:
 
 
 def log_to_mlflow(tracking_uri: str, run_name: str, params: dict, metrics: dict[str, float], artifacts: list[Path],
-                  tags: dict | None = None, experiment: str = EXPERIMENT) -> str:
+                  stage: str, experiment: str = EXPERIMENT) -> str:
     """One MLflow run: flattened params, numeric metrics, and the given files/folders as artifacts."""
     import time
 
@@ -58,7 +58,7 @@ def log_to_mlflow(tracking_uri: str, run_name: str, params: dict, metrics: dict[
 
     from sr_ray.train.tracking import start_run
 
-    run_id = start_run(tracking_uri, experiment, run_name, params=params, tags=tags)
+    run_id = start_run(tracking_uri, experiment, run_name, params=params, stage=stage)
     client = MlflowClient(tracking_uri=tracking_uri)
     now = int(time.time() * 1000)
     values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]

@@ -150,6 +150,7 @@ class SaptConfig(StageConfig):
     max_failures: int = 1
     run_name: str | None = None  # reuse a name to resume that run; None: a fresh unique name
     registered_model: str = "safety-reminder"
+    model_aliases: list[str] = field(default_factory=list)  # registry aliases moved to the new version, e.g. [champion]
     # The bundle's epoch: "best" = highest val/score (refusal rate on harmful + unchanged rate on benign val
     # prompts; ties: lower val L_LM, then later); "last" = the final epoch. The official picks one by hand.
     bundle_from: Literal["best", "last"] = "best"

@@ -118,7 +118,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     roc = plot_roc(curves, out_dir / "roc.png", f"harm probe on {model_id} ({cfg.feature})")
 
     tracking_uri = tracking.tracking_uri_for(cfg.work_dir, cfg.tracking_uri)
-    run_id = tracking.start_run(tracking_uri, cfg.experiment, "fit-probe", to_dict(cfg), {"stage": "fit-probe"})
+    run_id = tracking.start_run(tracking_uri, cfg.experiment, "fit-probe", to_dict(cfg), stage="fit-probe")
     client = tracking.mlflow_client(tracking_uri)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)

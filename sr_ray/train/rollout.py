@@ -71,7 +71,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
         summary[f"{split}/{kind}/base_refusal_rate"] = float(group["base_refusal"].mean())
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     tracking_uri = tracking.tracking_uri_for(cfg.work_dir, cfg.tracking_uri)
-    run_id = tracking.start_run(tracking_uri, cfg.experiment, "rollout", to_dict(cfg), {"stage": "rollout"})
+    run_id = tracking.start_run(tracking_uri, cfg.experiment, "rollout", to_dict(cfg), stage="rollout")
     client = tracking.mlflow_client(tracking_uri)
     for key, value in summary.items():
         client.log_metric(run_id, key, value)

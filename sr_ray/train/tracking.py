@@ -1,19 +1,45 @@
-"""MLflow plumbing: the default sqlite store, experiments with a fixed artifact root, and the reminder bundle
-as a registered model version that Serve and evaluation resolve with `resolve_bundle`.
+"""MLflow plumbing: the default sqlite store, one experiment naming scheme and tag set, and the reminder
+bundle as a registered pyfunc model that Serve, evaluation and `mlflow.pyfunc.load_model` resolve.
 
-The bundle is registered as an MLflow 3 LoggedModel holding the bundle directory as plain artifacts (no
-flavor, no pickled Python object), then as a version of a registered model: `models:/<name>/<version>`,
-`models:/<name>/latest` and `models:/<name>@<alias>` all download to the same safetensors + JSON layout.
+Every stage logs into the experiment `sr-ray` (configurable) with the tags `sr_ray.stage` and
+`mlflow.source.git.commit`. A bundle is registered as an MLflow 3 LoggedModel holding a pyfunc model
+(`sr_ray.train.pyfunc`: MLmodel, signature, input example, the bundle's safetensors + JSON under `data/`,
+nothing pickled), then as a version of a registered model: `models:/<name>/<version>`,
+`models:/<name>/latest` and `models:/<name>@<alias>` all resolve to it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
+EXPERIMENT = "sr-ray"
+STAGE_TAG = "sr_ray.stage"
 BUNDLE_MODEL_TYPE = "sr_ray.reminder_bundle"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The source checkout's commit (None outside a git checkout, e.g. an installed wheel)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_tags(stage: str, extra: dict | None = None) -> dict:
+    """The tag set of every sr_ray run: its stage and the code's git commit (MLflow's own tag names)."""
+    tags = {STAGE_TAG: stage, "mlflow.source.type": "JOB"}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags | (extra or {})
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -57,12 +83,15 @@ def ensure_experiment(name: str, tracking_uri: str, artifact_location: str | Pat
         return found.experiment_id
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict | None = None, tags: dict | None = None) -> str:
-    """Create a run (not made active in this process) and log flattened `params`; returns its id."""
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict | None = None, *, stage: str,
+              tags: dict | None = None) -> str:
+    """Create a run (not made active in this process) with `run_tags(stage)` and flattened `params`; returns
+    its id."""
     from mlflow.entities import Param
 
     client = mlflow_client(tracking_uri)
-    run = client.create_run(ensure_experiment(experiment, tracking_uri), run_name=run_name, tags=tags or {})
+    run = client.create_run(ensure_experiment(experiment, tracking_uri), run_name=run_name,
+                            tags=run_tags(stage, tags))
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):
         client.log_batch(run.info.run_id, params=flat[i : i + 100])
@@ -79,18 +108,44 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def log_bundle(bundle_dir: str | Path, name: str, *, run_id: str | None = None, tracking_uri: str | None = None,
-               tags: dict | None = None) -> str:
-    """Log `bundle_dir` as a LoggedModel (linked to `run_id`) and register it under `name`; returns the version."""
+def log_manifest_input(tracking_uri: str, run_id: str, data_dir: str | Path, context: str) -> bool:
+    """Log the preprocessed data's manifest as the run's dataset input (`mlflow.log_input`); False when
+    `data_dir` has no manifest (official-format files only)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from sr_ray.data import manifest_checksum
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "manifest.json").exists():
+        return False
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    profile = {k: manifest.get(k) for k in ("rows_written", "rows_quarantined", "by_source", "by_split")}
+    dataset = Dataset(name=f"sr_ray-preprocessed:{data_dir.name}", digest=manifest_checksum(data_dir)[:32],
+                      source_type="local", source=json.dumps({"uri": data_dir.resolve().as_uri()}),
+                      profile=json.dumps(profile))
+    mlflow_client(tracking_uri).log_inputs(run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    return True
+
+
+def log_bundle(bundle_dir: str | Path, name: str, *, model: str, model_kwargs: dict | None = None,
+               run_id: str, tracking_uri: str | None = None, tags: dict | None = None,
+               aliases: list[str] = ()) -> str:
+    """Log `bundle_dir` as a pyfunc LoggedModel (linked to `run_id`, guarded generation on `model`), register
+    it under `name` and point `aliases` at the new version; returns the version."""
     import mlflow
 
+    from sr_ray.train.pyfunc import save_pyfunc
+
     client = mlflow_client(tracking_uri)
-    run_id = run_id or mlflow.active_run().info.run_id
     experiment_id = client.get_run(run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id, name="reminder_bundle", source_run_id=run_id,
-                                       model_type=BUNDLE_MODEL_TYPE, tags=tags)
-    client.log_model_artifacts(model.model_id, str(bundle_dir))
-    client.finalize_logged_model(model.model_id, "READY")
+    logged = client.create_logged_model(experiment_id, name="reminder_bundle", source_run_id=run_id,
+                                        model_type=BUNDLE_MODEL_TYPE, tags=tags)
+    with tempfile.TemporaryDirectory(prefix="sr_ray-pyfunc-") as tmp:
+        client.log_model_artifacts(logged.model_id, str(save_pyfunc(bundle_dir, Path(tmp) / "model", model, model_kwargs)))
+    client.finalize_logged_model(logged.model_id, "READY")
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException as err:
@@ -98,18 +153,20 @@ def log_bundle(bundle_dir: str | Path, name: str, *, run_id: str | None = None, 
             raise
     # The source is the model's artifact location, not `models:/<model_id>`: the sqlite registry resolves the
     # latter through the process-global tracking URI, which may point at another store.
-    version = client.create_model_version(name, source=client.get_logged_model(model.model_id).artifact_location,
-                                          run_id=run_id, model_id=model.model_id, tags=tags)
+    version = client.create_model_version(name, source=client.get_logged_model(logged.model_id).artifact_location,
+                                          run_id=run_id, model_id=logged.model_id, tags=tags)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 
-def _registry_version(uri: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(name, version number) of a `models:/name/<version|latest>` or `models:/name@alias` URI."""
+def registry_version(uri: str, tracking_uri: str | None = None):
+    """The `ModelVersion` a `models:/name/<version|latest>` or `models:/name@alias` URI names now."""
     client = mlflow_client(tracking_uri)
     ref = uri.removeprefix("models:/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
+        return client.get_model_version_by_alias(name, alias)
     name, _, version = ref.rpartition("/")
     if not name:
         raise ValueError(f"{uri}: expected models:/<name>/<version|latest> or models:/<name>@<alias>")
@@ -118,7 +175,15 @@ def _registry_version(uri: str, tracking_uri: str | None) -> tuple[str, str]:
         if not versions:
             raise ValueError(f"{uri}: no versions of registered model {name!r}")
         version = str(max(int(v.version) for v in versions))
-    return name, version
+    return client.get_model_version(name, version)
+
+
+def pinned_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """`models:/name/<number>` for any registry URI (an alias or `latest` resolved now); other sources as is."""
+    if not uri.startswith("models:/"):
+        return uri
+    version = registry_version(uri, tracking_uri)
+    return f"models:/{version.name}/{version.version}"
 
 
 def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -132,7 +197,8 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
         return Path(uri).expanduser().resolve()
     if not uri.startswith("models:/"):
         raise FileNotFoundError(f"reminder bundle {uri!r}: not a directory and not a models:/ URI")
-    name, version = _registry_version(uri, tracking_uri)
+    found = registry_version(uri, tracking_uri)
+    name, version = found.name, str(found.version)
     cache = Path(cache_dir or os.environ.get("SR_RAY_CACHE") or Path.home() / ".cache" / "sr_ray") / "bundles"
     import hashlib
 
@@ -140,20 +206,30 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
 
     store = hashlib.sha256((tracking_uri or get_tracking_uri()).encode()).hexdigest()[:12]  # versions are per store
     final = cache / store / name / version
-    if (final / "bundle.json").exists():
-        return final
+    if (final / "MLmodel").exists():
+        return _bundle_in(final, uri, version)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=final.parent))
     try:
         # Through the version's storage location: `models:/` downloads consult the global registry URI.
         source = mlflow_client(tracking_uri).get_model_version_download_uri(name, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
-        if not (local / "bundle.json").exists():
-            raise ValueError(f"{uri} (version {version}) is not a reminder bundle: no bundle.json")
+        _bundle_in(local, uri, version)
         try:
             os.rename(local, final)
         except OSError:  # another process finished the same download first
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _bundle_in(final, uri, version)
+
+
+def _bundle_in(model_dir: Path, uri: str, version: str) -> Path:
+    from sr_ray.train.pyfunc import bundle_path
+
+    if not (model_dir / "MLmodel").exists():
+        raise ValueError(f"{uri} (version {version}) is not a reminder bundle model: no MLmodel")
+    bundle = bundle_path(model_dir)
+    if not (bundle / "bundle.json").exists():
+        raise ValueError(f"{uri} (version {version}) is not a reminder bundle: no bundle.json in {bundle}")
+    return bundle

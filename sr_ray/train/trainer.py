@@ -50,7 +50,8 @@ def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict)
     found = client.search_runs([experiment_id], filter_string=f"tags.ray_run_name = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id
-    return tracking.start_run(tracking_uri, cfg.experiment, run_name, params, {"stage": "train", "ray_run_name": run_name})
+    return tracking.start_run(tracking_uri, cfg.experiment, run_name, params, stage="train",
+                               tags={"ray_run_name": run_name})
 
 
 def pick_checkpoint(result, bundle_from: str):
@@ -100,6 +101,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     params = to_dict(cfg) | {"run_name": run_name, "probe_dir": str(probe_dir), "n_train": len(train), "n_val": len(val),
                              "n_quarantined": len(quarantined), "probe_fit": probe.fit_info}
     run_id = _mlflow_run(cfg, tracking_uri, run_name, params)
+    tracking.log_manifest_input(tracking_uri, run_id, cfg.path(cfg.data_dir, "data"), "training")
     client = tracking.mlflow_client(tracking_uri)
     if quarantined:
         (run_dir / "quarantine.jsonl").write_text("".join(json.dumps(vars(q)) + "\n" for q in quarantined))
@@ -143,7 +145,8 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
         client.log_artifact(run_id, str(path))
     client.set_tag(run_id, "base_weights_sha256", result.metrics.get("base_weights_sha256", ""))
     client.set_tag(run_id, "bundle_epoch", chosen["epoch"])
-    version = tracking.log_bundle(bundle_dir, cfg.registered_model, run_id=run_id, tracking_uri=tracking_uri,
+    version = tracking.log_bundle(bundle_dir, cfg.registered_model, model=cfg.model, model_kwargs=cfg.model_kwargs,
+                                  run_id=run_id, tracking_uri=tracking_uri, aliases=cfg.model_aliases,
                                   tags={"base_model_id": bundle.base_model_id, "data_checksum": bundle.data_checksum})
     client.set_terminated(run_id)
     return bundle_dir, run_id, version

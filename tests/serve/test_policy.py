@@ -104,7 +104,8 @@ def test_reminder_from_mlflow_model_uri(tiny_llava, tmp_path, monkeypatch):
     monkeypatch.setenv("SR_RAY_CACHE", str(tmp_path / "cache"))
     uri = default_tracking_uri(tmp_path / "mlflow")
     bundle = constant_probe_bundle(tiny_llava, tmp_path / "bundle", bias=2.5)
-    version = log_bundle(bundle, "sr_ray_reminder", run_id=start_run(uri, "serve-test", "bundle"), tracking_uri=uri)
+    version = log_bundle(bundle, "sr_ray_reminder", model="tiny-llava", tracking_uri=uri,
+                         run_id=start_run(uri, "serve-test", "bundle", stage="train"))
     cfg = ServeConfig(model="tiny-llava", bundle=f"models:/sr_ray_reminder/{version}", tracking_uri=uri)
     _, probe, _ = load_reminder(cfg, tiny_llava)
     assert probe.bias == 2.5

@@ -1,5 +1,5 @@
-"""MLflow plumbing: sqlite store, experiment artifact root, and the reminder bundle round trip through the
-model registry (`models:/<name>/<version|latest>` and a plain directory)."""
+"""MLflow plumbing: sqlite store, experiment artifact root, run tags, and the reminder bundle round trip
+through the model registry (`models:/<name>/<version|latest|@alias>` and a plain directory)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
 from sr_ray.train.tracking import (
-    default_tracking_uri, ensure_experiment, log_bundle, resolve_bundle, start_run, tracking_uri_for,
+    default_tracking_uri, ensure_experiment, git_commit, log_bundle, pinned_uri, resolve_bundle, start_run,
+    tracking_uri_for,
 )
 
 
@@ -52,13 +53,17 @@ def test_bundle_round_trips_through_the_registry(store, tmp_path):
     root, uri = store
     first = make_bundle(tmp_path / "b1", seed=1)
     second = make_bundle(tmp_path / "b2", seed=2)
-    run_id = start_run(uri, "exp-b", "train", params={"lr": 1e-4, "nested": {"k": 4}})
-    v1 = log_bundle(tmp_path / "b1", "reminder-test", run_id=run_id, tracking_uri=uri)
-    v2 = log_bundle(tmp_path / "b2", "reminder-test", run_id=run_id, tracking_uri=uri)
+    run_id = start_run(uri, "exp-b", "train", params={"lr": 1e-4, "nested": {"k": 4}}, stage="train")
+    v1 = log_bundle(tmp_path / "b1", "reminder-test", model="tiny-llava", run_id=run_id, tracking_uri=uri,
+                    aliases=["champion"])
+    v2 = log_bundle(tmp_path / "b2", "reminder-test", model="tiny-llava", run_id=run_id, tracking_uri=uri)
     assert (v1, v2) == ("1", "2")
+    assert pinned_uri("models:/reminder-test@champion", uri) == "models:/reminder-test/1"
+    assert pinned_uri("models:/reminder-test/latest", uri) == "models:/reminder-test/2"
 
     cache = tmp_path / "cache"
-    for uri_ref, expected in (("models:/reminder-test/1", first), ("models:/reminder-test/latest", second)):
+    for uri_ref, expected in (("models:/reminder-test/1", first), ("models:/reminder-test/latest", second),
+                              ("models:/reminder-test@champion", first)):
         local = resolve_bundle(uri_ref, tracking_uri=uri, cache_dir=cache)
         loaded = ReminderBundle.load(local)
         assert torch.equal(loaded.soft_prompt.embeddings, expected.soft_prompt.embeddings)
@@ -71,7 +76,10 @@ def test_bundle_round_trips_through_the_registry(store, tmp_path):
     client = MlflowClient(uri)
     version = client.get_model_version("reminder-test", "1")
     assert version.run_id == run_id
-    assert client.get_run(run_id).data.params["nested.k"] == "4"
+    run = client.get_run(run_id)
+    assert run.data.params["nested.k"] == "4"
+    assert run.data.tags["sr_ray.stage"] == "train"
+    assert run.data.tags["mlflow.source.git.commit"] == git_commit() and len(git_commit()) == 40
 
 
 def test_resolve_bundle_errors(store, tmp_path):
@@ -80,3 +88,5 @@ def test_resolve_bundle_errors(store, tmp_path):
         resolve_bundle(str(tmp_path / "missing"))
     with pytest.raises(Exception, match="no-such-model"):
         resolve_bundle("models:/no-such-model/latest", tracking_uri=uri)
+    with pytest.raises(Exception, match="no-such-model"):
+        resolve_bundle("models:/no-such-model@champion", tracking_uri=uri)

@@ -106,6 +106,6 @@ def run_attack(cfg: AttackConfig) -> Path:
     final = {f"final_{k}": v for k, v in info.get("final", {}).items()}
     log_to_mlflow(tracking_uri, f"attack-{cfg.attack}", {k: v for k, v in info.items() if k in ("config", "model", "bundle")},
                   {"seconds": info["seconds"], **final}, [out / "attack.json", out / "rows.jsonl", out / "images"],
-                  tags={"sr_ray.stage": "attack"})
+                  stage="attack")
     print(json.dumps({"benchmark": benchmark, "out": str(out), "seconds": round(info["seconds"], 1), **final}, indent=2))
     return out
