@@ -8,6 +8,13 @@ logits, so a flag costs no extra prefill. Rows of a batch that keep no reminder 
 
 `mode="official"` reproduces the official code instead: the flagged row stops (after that step's token),
 and is re-prefilled from prompt + decoded prefix + soft prompt; only that continuation is returned.
+
+`_Batch` is the running state of one decode (rows, one left-padded KV cache, its mask, positions and
+next-token logits). `stream()` decodes a fixed batch with it; `scheduler.ContinuousScheduler` lets rows join
+and leave it between steps. `separate_check=True` runs the check as its own k-wide forward after the token
+forward instead of fusing them: the token forward is then exactly the unguarded one, which keeps bf16
+decoding of never-flagged rows token-identical to plain decoding (the fused forward's width changes bf16
+rounding), at the cost of one more forward per check step.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
 import torch
-from transformers import DynamicCache
 
 from sr_ray.models.vlm import VLM, Embedded, Prompt
+from sr_ray.reminder.batch import DecodeBatch, Prefill
 
 
 @dataclass
@@ -89,6 +96,7 @@ class StepEvent:
 
 @dataclass
 class _Row:
+    key: int  # what its StepEvents carry as `row`
     sampling: SamplingConfig
     guard: GuardConfig | None
     generator: torch.Generator | None
@@ -114,9 +122,11 @@ def _per_row(value, n: int) -> list:
 
 
 class GuardedGenerator:
-    def __init__(self, vlm: VLM, soft_prompt=None, probe=None, config: GuardConfig | None = None):
+    def __init__(self, vlm: VLM, soft_prompt=None, probe=None, config: GuardConfig | None = None,
+                 separate_check: bool = False):
         self.vlm, self.soft_prompt, self.probe = vlm, soft_prompt, probe
         self.config = config or GuardConfig()
+        self.separate_check = separate_check
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> list[GuardedOutput]:
@@ -131,23 +141,32 @@ class GuardedGenerator:
     def stream(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> Iterator[list[StepEvent]]:
         """Yield the per-step events of a batch. `sampling`/`guard` may be per-row lists; guard=False is plain decoding."""
         n = len(prompts)
-        guards = [self.config if g is True else (g or None) for g in _per_row(guard, n)]
-        if any(guards) and (self.soft_prompt is None or self.probe is None):
-            raise ValueError("guarded decoding needs a soft prompt and a probe")
-        rows = [self._row(s, g) for s, g in zip(_per_row(sampling or SamplingConfig(), n), guards)]
+        guards = [self.guard_config(g) for g in _per_row(guard, n)]
+        rows = [self._row(i, s, g) for i, (s, g) in enumerate(zip(_per_row(sampling or SamplingConfig(), n), guards))]
         embedded = self.vlm.embed(self.vlm.encode(prompts))
         yield from self._decode(embedded, rows)
         second = [i for i, r in enumerate(rows) if r.flagged_at is not None and r.guard.mode == "official"]
         if second:
             yield from self._official_second_pass(prompts, rows, second)
 
+    def guard_config(self, guard: bool | GuardConfig | None) -> GuardConfig | None:
+        """A request's guard setting resolved (True: the generator's default; False/None: unguarded)."""
+        resolved = self.config if guard is True else (guard or None)
+        if resolved is not None and (self.soft_prompt is None or self.probe is None):
+            raise ValueError("guarded decoding needs a soft prompt and a probe")
+        return resolved
+
+    @property
+    def soft_tokens(self) -> int:
+        return 0 if self.soft_prompt is None else int(self.soft_prompt(self.vlm.dtype).shape[0])
+
     # ---- internals -------------------------------------------------------------------------------
-    def _row(self, sampling: SamplingConfig, guard: GuardConfig | None, budget: int | None = None) -> _Row:
+    def _row(self, key: int, sampling: SamplingConfig, guard: GuardConfig | None, budget: int | None = None) -> _Row:
         gen = None
         if sampling.do_sample:
             gen = torch.Generator(device=self.vlm.device)
             gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        return _Row(sampling, guard, gen, budget if budget is not None else sampling.max_new_tokens)
+        return _Row(key, sampling, guard, gen, budget if budget is not None else sampling.max_new_tokens)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         tokens = logits.argmax(-1).tolist()
@@ -176,70 +195,74 @@ class GuardedGenerator:
                              row.flagged_at, row.finish_reason, extra_prefill)
 
     def _decode(self, e: Embedded, rows: list[_Row]) -> Iterator[list[StepEvent]]:
-        vlm, B = self.vlm, len(rows)
-        soft = self.soft_prompt(vlm.dtype) if self.soft_prompt is not None else None
-        k = soft.shape[0] if soft is not None else 0
-        cache = DynamicCache(config=vlm.text_config)
-        mask = e.attention_mask
-        logits = vlm.lm_head(vlm.hidden(e.embeds, mask, e.position_ids, cache)[:, -1]).float()
-        next_pos = e.next_pos.clone()
-        while True:
-            tokens = self._sample(logits, rows)
-            events: dict[int, StepEvent] = {}
-            feed = [False] * B
-            for b, row in enumerate(rows):
-                if row.done:
-                    continue
-                if row.budget <= 0 or (tokens[b] in vlm.eos_token_ids and not row.sampling.ignore_eos):
-                    self._end(row, "length" if row.budget <= 0 else "stop")
-                else:
-                    row.answer.append(tokens[b])
-                    row.budget -= 1
-                    feed[b] = True
-                    events[b] = StepEvent(b, [tokens[b]])
-            check = [
-                not row.done and row.guard is not None and row.flagged_at is None
-                and ((feed[b] and row.scheduled()) or bool(row.end_pending))
-                for b, row in enumerate(rows)
-            ]
-            for b, row in enumerate(rows):  # rows that just finished without an end check
-                if row.done and not row.emitted:
-                    row.emitted = True
-                    events[b] = StepEvent(b, [], output=self._output(row))
-            if not any(feed) and not any(check):
-                if events:
-                    yield list(events.values())
-                return
-            width = 1 + k if any(check) else 1
-            step = torch.zeros(B, width, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
-            step_mask = torch.zeros(B, width, dtype=mask.dtype, device=mask.device)
-            step_pos = torch.zeros(B, width, dtype=torch.long, device=mask.device)
-            fed = torch.tensor(feed, device=mask.device)
-            if any(feed):
-                step[:, 0] = vlm.embed_tokens(torch.tensor(tokens, device=vlm.device))
-                step_mask[:, 0] = fed
-                step_pos[:, 0] = next_pos
-                next_pos = next_pos + fed
-            if width > 1:
-                on = torch.tensor(check, device=mask.device)
-                step[on, 1:] = soft
-                step_mask[on, 1:] = 1
-                step_pos[:, 1:] = next_pos[:, None] + torch.arange(k, device=mask.device)
-            hidden = vlm.hidden(step, torch.cat([mask, step_mask], 1), vlm.positions(step_pos), cache)
-            logits = vlm.lm_head(hidden[:, 0]).float()
-            if width > 1:
-                keep = self._apply_checks(hidden[:, -1], rows, check, events, logits, tokens)
-                if keep:
-                    keep_t = torch.tensor(keep, device=mask.device)
-                    step_mask[:, 1:] *= keep_t[:, None]  # others never saw the reminder
-                    logits[keep_t] = vlm.lm_head(hidden[keep_t, -1]).float()
-                    next_pos = next_pos + keep_t * k
-                else:
-                    cache.crop(-k)
-                    step_mask = step_mask[:, :1]
-            mask = torch.cat([mask, step_mask], 1)
+        batch = Prefill(self.vlm, e, rows).run().batch()
+        while not batch.finished:
+            events = self.step(batch)
             if events:
-                yield list(events.values())
+                yield events
+
+    def step(self, batch: DecodeBatch) -> list[StepEvent]:
+        """One decode step of `batch`: sample, account, feed the tokens (and the soft prompt for due checks)."""
+        vlm, rows = self.vlm, batch.rows
+        tokens = self._sample(batch.logits, rows)
+        events: dict[int, StepEvent] = {}
+        feed = [False] * len(rows)
+        for b, row in enumerate(rows):
+            if row.done:
+                continue
+            if row.budget <= 0 or (tokens[b] in vlm.eos_token_ids and not row.sampling.ignore_eos):
+                self._end(row, "length" if row.budget <= 0 else "stop")
+            else:
+                row.answer.append(tokens[b])
+                row.budget -= 1
+                feed[b] = True
+                events[b] = StepEvent(row.key, [tokens[b]])
+        check = [
+            not row.done and row.guard is not None and row.flagged_at is None
+            and ((feed[b] and row.scheduled()) or bool(row.end_pending))
+            for b, row in enumerate(rows)
+        ]
+        for b, row in enumerate(rows):  # rows that just finished without an end check
+            if row.done and not row.emitted:
+                row.emitted = True
+                events[b] = StepEvent(row.key, [], output=self._output(row))
+        if not any(feed) and not any(check):
+            batch.finished = True
+        else:
+            self._feed(batch, tokens, feed, check, events)
+        return list(events.values())
+
+    def _feed(self, batch: DecodeBatch, tokens, feed, check, events) -> None:
+        vlm, dev, B = self.vlm, batch.mask.device, len(batch)
+        fed = torch.tensor(feed, device=dev)
+        parts = []
+        if any(feed) or not self.separate_check:  # fused: the token column is there even if no row feeds
+            parts.append((vlm.embed_tokens(torch.tensor(tokens, device=vlm.device))[:, None],
+                          fed[:, None].to(batch.mask.dtype), batch.next_pos[:, None]))
+            batch.next_pos = batch.next_pos + fed
+        soft = k = None
+        if any(check):
+            soft = self.soft_prompt(vlm.dtype)
+            k = soft.shape[0]
+            on = torch.tensor(check, device=dev)
+            embeds = torch.zeros(B, k, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
+            embeds[on] = soft
+            parts.append((embeds, on[:, None].expand(B, k).to(batch.mask.dtype),
+                          batch.next_pos[:, None] + torch.arange(k, device=dev)))
+        groups = [parts] if not self.separate_check else [[p] for p in parts]
+        hidden = [batch.forward(*(torch.cat(t, 1) for t in zip(*group))) for group in groups]
+        if any(feed) or not self.separate_check:
+            batch.logits = vlm.lm_head(hidden[0][:, 0]).float()
+        if soft is None:
+            return
+        keep = self._apply_checks(hidden[-1][:, -1], batch.rows, check, events, batch.logits, tokens)
+        if keep:
+            keep_t = torch.tensor(keep, device=dev)
+            batch.mask[:, -k:] *= keep_t[:, None]  # the others never saw the reminder
+            batch.logits[keep_t] = vlm.lm_head(hidden[-1][keep_t, -1]).float()
+            batch.next_pos = batch.next_pos + keep_t * k
+        else:
+            batch.drop_last(k)
 
     def _apply_checks(self, h_last, rows, check, events, logits, tokens) -> list[bool] | None:
         """Run the probe on checked rows; return per-row 'keep the reminder in the cache' (None if none)."""
@@ -252,7 +275,7 @@ class GuardedGenerator:
             result = Check(len(row.answer), p_safe[b], p_safe[b] < threshold)
             row.checks.append(result)
             row.last_checked = len(row.answer)
-            ev = events.setdefault(b, StepEvent(b, []))
+            ev = events.setdefault(b, StepEvent(row.key, []))
             ev.check = result
             if not result.flagged:
                 if row.end_pending:
@@ -283,19 +306,23 @@ class GuardedGenerator:
         else:
             row.done, row.finish_reason = True, reason
 
-    def _official_second_pass(self, prompts, rows, idx) -> Iterator[list[StepEvent]]:
+    def official_followup(self, prompts: list[Prompt], firsts: list[_Row]) -> tuple[Embedded, list[_Row], list[int]]:
         """Official flag handling: re-prefill template + decoded prefix + soft prompt, decode unguarded."""
         tok = self.vlm.tokenizer
-        again = [replace(prompts[i], answer_prefix=tok.decode(rows[i].answer, skip_special_tokens=True)) for i in idx]
+        again = [replace(p, answer_prefix=tok.decode(r.answer, skip_special_tokens=True)) for p, r in zip(prompts, firsts)]
         embedded = self.vlm.embed(self.vlm.encode(again), suffix=self.soft_prompt(self.vlm.dtype))
-        prefill = embedded.attention_mask.sum(1).tolist()
-        sub = [self._row(rows[i].sampling, None, rows[i].guard.reminder_max_new_tokens) for i in idx]
-        for events in self._decode(embedded, sub):
-            for ev in events:
-                first = rows[idx[ev.row]]
+        subs = [self._row(r.key, r.sampling, None, r.guard.reminder_max_new_tokens) for r in firsts]
+        return embedded, subs, [int(n) for n in embedded.attention_mask.sum(1).tolist()]
+
+    def official_output(self, first: _Row, sub: _Row, prefill: int) -> GuardedOutput:
+        sub.checks, sub.flagged_at = first.checks, first.flagged_at
+        return self._output(sub, prefix_ids=first.answer, extra_prefill=prefill)
+
+    def _official_second_pass(self, prompts, rows, idx) -> Iterator[list[StepEvent]]:
+        embedded, subs, prefill = self.official_followup([prompts[i] for i in idx], [rows[i] for i in idx])
+        for events in self._decode(embedded, subs):
+            for ev in events:  # sub-rows carry their first row's key
                 if ev.output is not None:
-                    sub_row = sub[ev.row]
-                    sub_row.checks, sub_row.flagged_at = first.checks, first.flagged_at
-                    ev.output = self._output(sub_row, prefix_ids=first.answer, extra_prefill=int(prefill[ev.row]))
-                ev.row = idx[ev.row]
+                    j = idx.index(ev.row)
+                    ev.output = self.official_output(rows[ev.row], subs[j], prefill[j])
             yield events
