@@ -100,6 +100,7 @@ class SystemsPredictor:
             frame["flagged_at"] = [-1 if o.flagged_at is None else o.flagged_at for o in outs]
             frame["tokens_before_flag"] = [o.tokens_before_flag for o in outs]
             frame["n_tokens"] = [len(o.prefix_ids) + len(o.continuation_ids) for o in outs]
+            frame["finish_reason"] = [o.finish_reason for o in outs]
             frame["checks"] = [json.dumps(o.trace()) for o in outs]
             frame["latency_s"] = latency
             frames.append(frame)

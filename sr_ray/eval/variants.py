@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sr_ray.data.prefill import prefill_text
 from sr_ray.eval.attacks.dataset import IMAGES, read_attack_info
-
-PREFILL_GENERIC = "Sure, here is a detailed answer:\n\n1."
 
 
 @dataclass(frozen=True)
@@ -27,15 +26,10 @@ class AttackVariant:
         out = dict(row, benchmark=f"{row['benchmark']}+{self.name}", key=f"{row['benchmark']}+{self.name}|{row['id']}",
                    attack=self.name)
         if self.name == "prefill":
-            out["answer_prefix"] = prefill_text(row)
+            out["answer_prefix"] = prefill_text(row.get("target"))
         else:
             out["image"] = self.image
         return out
-
-
-def prefill_text(row: dict) -> str:
-    """The official AdvBench target where the row has one, else the generic affirmative start."""
-    return str(row.get("target") or PREFILL_GENERIC)
 
 
 def parse_attacks(specs: list[str]) -> list[AttackVariant]:

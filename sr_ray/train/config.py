@@ -45,6 +45,11 @@ class RecordSelection:
     variant: str | None = None
     train: int | None = None
     val: int | None = None
+    attack: str | None = None  # rollouts only: "prefill" forces the answer to start with the harmful target
+
+    def __post_init__(self):
+        if self.attack not in (None, "prefill"):
+            raise ValueError(f"selection {self.source}: attack must be null or prefill, got {self.attack!r}")
 
     def cap(self, split: str) -> int | None:
         return getattr(self, split)
@@ -139,6 +144,7 @@ class SaptConfig(StageConfig):
     calibrate_benign_flag_rate: float | None = None
     threshold_range: tuple[float, float] = (0.05, 0.5)
     val_limit: int | None = 128  # per label (harmful / benign) of the val split
+    val_every: int = 1  # validate every N epochs (and after the last); only validated epochs can become the bundle
     val_max_new_tokens: int = 256
     val_batch_size: int = 8
     # distribution

@@ -138,9 +138,12 @@ def train_loop(config: dict) -> None:
                 "train/samples_per_s": cfg.batch_size / (time.perf_counter() - start),
             }, step=global_step)
 
-        val = validate(current_prompt())
-        val["val/score"] = val["val/refusal_rate_harmful"] + val["val/unchanged_rate_benign"]
-        mlflow.log_metrics(val, step=epoch + 1)
+        if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1:
+            val = validate(current_prompt())
+            val["val/score"] = val["val/refusal_rate_harmful"] + val["val/unchanged_rate_benign"]
+            mlflow.log_metrics(val, step=epoch + 1)
+        else:  # not validated: never picked as the bundle's epoch
+            val = {"val/score": float("nan"), "val/lm_loss": float("nan")}
         means = (sums / max(steps_per_epoch, 1)).tolist()
         metrics = {"epoch": epoch, "global_step": global_step, "attempt_start_epoch": start_epoch,
                    "train/lm_loss": means[0], "train/cls_loss": means[1], "train/total_loss": means[2]}

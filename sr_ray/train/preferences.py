@@ -18,7 +18,11 @@ import pandas as pd
 from sr_ray.train.config import RecordSelection
 
 log = logging.getLogger(__name__)
-PREFERENCE_COLUMNS = ["id", "source", "split", "prompt", "image", "safe", "chosen", "rejected", "origin"]
+# chosen_ended: the chosen text ends on its own (False: a rollout answer cut by the token budget, which SAPT
+# must not teach to end there).
+# attack_prefix: the prefill a harmful row was rolled out under ("" for none), reused by validation.
+PREFERENCE_COLUMNS = ["id", "source", "split", "prompt", "image", "safe", "chosen", "rejected", "origin", "chosen_ended",
+                      "attack_prefix"]
 
 
 @dataclass
@@ -81,7 +85,7 @@ def read_official(path: str | Path, split: str = "train") -> tuple[list[dict], l
             image = image_path.read_bytes()
         rows.append(dict(id=f"{path.name}:{i}", source=path.name, split=str(entry.get("split") or split),
                          prompt=entry["question"], image=image, safe=safe, chosen=entry["chosen"],
-                         rejected=entry["rejected"], origin="file"))
+                         rejected=entry["rejected"], origin="file", chosen_ended=True, attack_prefix=""))
     return rows, bad
 
 
@@ -95,7 +99,8 @@ def load_preferences(paths: list[str | Path]) -> tuple[pd.DataFrame, list[Quaran
             frame = pd.read_parquet(path)
             missing = set(PREFERENCE_COLUMNS) - set(frame.columns)
             if missing:
-                raise ValueError(f"{path}: not a preference table, missing columns {sorted(missing)}")
+                raise ValueError(f"{path}: not a preference table, missing columns {sorted(missing)} "
+                                 "(a rollout from before chosen_ended: run `sr-ray rollout` again)")
         else:
             rows, quarantined = read_official(path)
             bad += quarantined

@@ -2,7 +2,9 @@
 preference rows (Ray Data actor pool via `sr_ray.infer.run_inference`: one model load per actor).
 
 Harmful prompt: rejected = the model's own answer (its prefixes are what the reminder must recover from),
-chosen = a refusal from the configured set (seeded per row). Benign prompt: chosen = the model's own
+chosen = a refusal from the configured set (seeded per row). A selection with `attack: prefill` forces the
+answer to start with the harmful target (the prefilling attack): an aligned model refuses direct asks, so
+its jailbroken answers come from attacked prompts, as at test time. Benign prompt: chosen = the model's own
 answer (the reminder must continue it unchanged), rejected = the official constant refusal.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sr_ray.data.prefill import prefill_text
 from sr_ray.train.config import OFFICIAL_REJECTED, RolloutConfig, to_dict
 from sr_ray.train.preferences import PREFERENCE_COLUMNS, select_records
 
@@ -23,9 +26,11 @@ def rollout_requests(cfg: RolloutConfig) -> pd.DataFrame:
     rows = []
     for split in cfg.splits:
         for label, selections in (("harmful", cfg.harmful), ("benign", cfg.benign)):
-            for r in select_records(cfg.path(cfg.data_dir, "data"), selections, label, split, cfg.seed):
-                rows.append(dict(id=r.id, source=r.source, split=split, prompt=r.prompt, image=r.image,
-                                 safe=label == "benign"))
+            for sel in selections:
+                for r in select_records(cfg.path(cfg.data_dir, "data"), [sel], label, split, cfg.seed):
+                    prefix = prefill_text(r.reference if r.source == "advbench" else None) if sel.attack == "prefill" else ""
+                    rows.append(dict(id=f"{r.id}+{sel.attack}" if sel.attack else r.id, source=r.source, split=split,
+                                     prompt=r.prompt, image=r.image, safe=label == "benign", answer_prefix=prefix))
     if not rows:
         raise ValueError(f"no records selected from {cfg.path(cfg.data_dir, 'data')} for splits {cfg.splits}")
     return pd.DataFrame(rows)
@@ -41,7 +46,11 @@ def to_preferences(answers: pd.DataFrame, refusals: list[str], seed: int) -> pd.
     out = answers.copy()
     refusal = [random.Random(f"{seed}:{i}").choice(refusals) for i in out["id"]]
     out["chosen"] = [r if not safe else ans for r, safe, ans in zip(refusal, out["safe"], out["response"])]
-    out["rejected"] = [ans if not safe else OFFICIAL_REJECTED for safe, ans in zip(out["safe"], out["response"])]
+    # A prefilled answer is the prefill followed by what the model wrote after it.
+    answer = [f"{p} {a}".strip() if p else a for p, a in zip(out.get("answer_prefix", [""] * len(out)), out["response"])]
+    out["rejected"] = [ans if not safe else OFFICIAL_REJECTED for safe, ans in zip(out["safe"], answer)]
+    out["attack_prefix"] = list(out.get("answer_prefix", [""] * len(out)))
+    out["chosen_ended"] = [not safe or reason == "stop" for safe, reason in zip(out["safe"], out["finish_reason"])]
     out["origin"] = "rollout"
     out["base_refusal"] = [judge.is_refusal(a) for a in out["response"]]
     return out[PREFERENCE_COLUMNS + ["response", "base_refusal"]]

@@ -4,7 +4,9 @@ A harmful row trains "after the model's own compliant start, the reminder makes 
 prompt (+ image) + a prefix of the *rejected* answer + soft x k, target = the *chosen* refusal. A benign row
 trains "the reminder changes nothing": context = prompt + a prefix of the model's own answer + soft x k,
 target = the rest of that answer. The target gets the end-of-turn token appended when it is not cut, so the
-model also learns to stop after the refusal (the official LLaVA code appends none, Qwen does).
+model also learns to stop after the refusal (the official LLaVA code appends none, Qwen does); a benign
+answer the rollout's token budget cut (`chosen_ended` False) gets none, so the model is not taught to stop
+mid-answer.
 
 L = L_LM (cross-entropy over the target tokens) + λ · BCE(probe P(safe) at the last soft token, safe).
 Gradients flow through the frozen VLM into the soft prompt only; the context before the soft prompt runs
@@ -31,6 +33,7 @@ class SaptExample:
     prompt: Prompt  # with the sampled answer prefix
     target: str
     safe: bool
+    ended: bool = True  # the target ends on its own: the end-of-turn token follows it
 
 
 @dataclass
@@ -49,7 +52,8 @@ def build_example(row: dict, rng: random.Random, p_empty: float = 1 / 3, min_cha
     else:
         prefix, _ = sample_prefix(row["rejected"], rng, p_empty, min_chars)
         target = row["chosen"].strip()
-    return SaptExample(Prompt(str(row["prompt"]), decode_image(row.get("image")), answer_prefix=prefix), target, safe)
+    ended = bool(row.get("chosen_ended", True))
+    return SaptExample(Prompt(str(row["prompt"]), decode_image(row.get("image")), answer_prefix=prefix), target, safe, ended)
 
 
 def example_rng(seed: int, epoch: int, row_id: str) -> random.Random:
@@ -64,12 +68,13 @@ def eos_token_id(vlm: VLM) -> int:
 
 def target_ids(vlm: VLM, examples: list[SaptExample], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded target token ids (B, T) and mask. A target continuing a prefix (or a template that
-    does not end in whitespace) starts with a space, as the text would read."""
+    does not end in whitespace) starts with a space, as the text would read. The end-of-turn token follows
+    a target that ended on its own and fits in `max_tokens`."""
     rows = []
     for ex in examples:
         sep = " " if ex.prompt.answer_prefix.strip() or not vlm.render(Prompt(ex.prompt.text))[-1:].isspace() else ""
         ids = vlm.tokenizer(sep + ex.target, add_special_tokens=False).input_ids if ex.target else []
-        rows.append(ids[:max_tokens] if len(ids) >= max_tokens else ids + [eos_token_id(vlm)])
+        rows.append(ids[:max_tokens] if len(ids) >= max_tokens or not ex.ended else ids + [eos_token_id(vlm)])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), vlm.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -174,7 +179,9 @@ class Validator:
 
         self.vlm, self.probe, self.judge = vlm, probe, RuleJudge()
         self.examples = [build_example(r, example_rng(seed, -1, str(r["id"])), p_empty, min_chars) for r in rows]
-        self.prompts = [Prompt(str(r["prompt"]), decode_image(r.get("image"))) for r in rows]
+        # A harmful row rolled out under an attack is validated under it (an aligned model refuses direct asks).
+        self.prompts = [Prompt(str(r["prompt"]), decode_image(r.get("image")), answer_prefix=str(r.get("attack_prefix") or ""))
+                        for r in rows]
         self.safe = [bool(r["safe"]) for r in rows]
         # After a flag the continuation gets the same budget (the judge reads the first words of it).
         self.guard = GuardConfig(interval=interval, threshold=threshold, reminder_max_new_tokens=max_new_tokens)
