@@ -55,6 +55,7 @@ def evaluate_config(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sr_ray.eval.common import log_report
     from sr_ray.eval.report import write_report
     from sr_ray.eval.runner import evaluate
 
@@ -63,7 +64,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({s: {b: {k: m[k] for k in ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")}
                           for b, m in benches.items()} for s, benches in metrics.items()}, indent=1))
     if args.report:
-        html, _ = write_report(cfg.out)
+        html, md = write_report(cfg.out)
+        log_report(cfg.out, [html, md])
         print(f"report: {html}")
     return 0
 

@@ -49,19 +49,21 @@ def versions() -> dict:
 
 
 def log_to_mlflow(tracking_uri: str, run_name: str, params: dict, metrics: dict[str, float], artifacts: list[Path],
-                  stage: str, experiment: str = EXPERIMENT) -> str:
-    """One MLflow run: flattened params, numeric metrics, and the given files/folders as artifacts."""
+                  stage: str, experiment: str = EXPERIMENT, model_uri: str | None = None) -> str:
+    """One MLflow run: flattened params, numeric metrics, and the given files/folders as artifacts. With a
+    registry `model_uri` (pinned to a version), the metrics are also linked to that model version."""
     import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from sr_ray.train.tracking import start_run
+    from sr_ray.train.tracking import link_model_version, start_run
 
     run_id = start_run(tracking_uri, experiment, run_name, params=params, stage=stage)
+    model_id = link_model_version(tracking_uri, run_id, model_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     now = int(time.time() * 1000)
-    values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    values = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items() if isinstance(v, (int, float))]
     for i in range(0, len(values), 500):
         client.log_batch(run_id, metrics=values[i : i + 500])
     for path in artifacts:
@@ -71,3 +73,15 @@ def log_to_mlflow(tracking_uri: str, run_name: str, params: dict, metrics: dict[
             client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     return run_id
+
+
+def log_report(run_dir: str | Path, files: list[Path]) -> None:
+    """Add the report files to the run's MLflow run (written after it closed, since the report shows its id)."""
+    import json
+
+    from sr_ray.train.tracking import mlflow_client
+
+    provenance = json.loads((Path(run_dir) / "provenance.json").read_text())
+    client = mlflow_client(provenance["tracking_uri"])
+    for path in files:
+        client.log_artifact(provenance["mlflow_run_id"], str(path))

@@ -33,7 +33,7 @@ from sr_ray.eval.plots import plot_asr, plot_attack_losses, plot_categories
 from sr_ray.eval.variants import parse_attacks, with_attacks
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
 from sr_ray.reminder.shipped import default_bundle
-from sr_ray.train.tracking import tracking_uri_for
+from sr_ray.train.tracking import pinned_uri, tracking_uri_for
 
 
 @dataclass
@@ -171,7 +171,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri_for(out, cfg.tracking_uri)
-    bundle_dir = resolve_bundle_dir(cfg.bundle, tracking_uri)
+    bundle_uri = cfg.bundle and pinned_uri(cfg.bundle, tracking_uri)  # an alias / latest resolved once
+    bundle_dir = resolve_bundle_dir(bundle_uri, tracking_uri)
     _init_ray(cfg.num_cpus)
     _phase("preparing data", started)
     rows, processed = collect_rows(cfg, out)
@@ -193,7 +194,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         _phase("delayed-awareness analysis", started)
         awareness = run_awareness(answers, cfg.model, bundle_dir, cfg.awareness, out, **inference)
     provenance = dict(
-        model=cfg.model, bundle=cfg.bundle, bundle_dir=bundle_dir,
+        model=cfg.model, bundle=bundle_uri, bundle_dir=bundle_dir,
         bundle_info=json.loads((Path(bundle_dir) / "bundle.json").read_text()) if bundle_dir else None,
         data_dir=cfg.data_dir, processed_dir=processed and str(processed),
         data_manifest_checksum=processed and _manifest_checksum(processed),
@@ -209,7 +210,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                    "provenance.json", "awareness.json", "plots", "attacks")]
     _phase("logging to MLflow", started)
     provenance["mlflow_run_id"] = log_to_mlflow(tracking_uri, f"evaluate-{cfg.model}", asdict(cfg), flat, artifacts,
-                                                stage="evaluate")
+                                                stage="evaluate", model_uri=bundle_uri)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     return metrics
 

@@ -20,6 +20,7 @@ from pathlib import Path
 EXPERIMENT = "sr-ray"
 STAGE_TAG = "sr_ray.stage"
 BUNDLE_MODEL_TYPE = "sr_ray.reminder_bundle"
+MODEL_ID_TAG = "sr_ray.logged_model_id"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -153,8 +154,10 @@ def log_bundle(bundle_dir: str | Path, name: str, *, model: str, model_kwargs: d
             raise
     # The source is the model's artifact location, not `models:/<model_id>`: the sqlite registry resolves the
     # latter through the process-global tracking URI, which may point at another store.
+    # The model id is also a version tag: the SQL registry stores (and returns) no model_id.
     version = client.create_model_version(name, source=client.get_logged_model(logged.model_id).artifact_location,
-                                          run_id=run_id, model_id=logged.model_id, tags=tags)
+                                          run_id=run_id, model_id=logged.model_id,
+                                          tags=(tags or {}) | {MODEL_ID_TAG: logged.model_id})
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
@@ -176,6 +179,23 @@ def registry_version(uri: str, tracking_uri: str | None = None):
             raise ValueError(f"{uri}: no versions of registered model {name!r}")
         version = str(max(int(v.version) for v in versions))
     return client.get_model_version(name, version)
+
+
+def link_model_version(tracking_uri: str, run_id: str, model_uri: str | None) -> str | None:
+    """Record that run `run_id` measured the registered version `model_uri` names (tag `sr_ray.model_version`,
+    the LoggedModel as a run input); returns that LoggedModel's id, to which the run's metrics are then linked
+    (None for a plain directory)."""
+    from mlflow.entities import LoggedModelInput
+
+    if not (model_uri or "").startswith("models:/"):
+        return None
+    version = registry_version(model_uri, tracking_uri)
+    client = mlflow_client(tracking_uri)
+    client.set_tag(run_id, "sr_ray.model_version", f"{version.name}/{version.version}")
+    model_id = version.tags.get(MODEL_ID_TAG)
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+    return model_id
 
 
 def pinned_uri(uri: str, tracking_uri: str | None = None) -> str:

@@ -90,3 +90,25 @@ def test_resolve_bundle_errors(store, tmp_path):
         resolve_bundle("models:/no-such-model/latest", tracking_uri=uri)
     with pytest.raises(Exception, match="no-such-model"):
         resolve_bundle("models:/no-such-model@champion", tracking_uri=uri)
+
+
+def test_preprocess_manifest_is_the_runs_dataset_input(store, tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    from sr_ray.data import manifest_checksum
+    from sr_ray.train.tracking import log_manifest_input
+
+    _, uri = store
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"rows_written": 12, "rows_quarantined": 1,
+                                                    "by_source": {"advbench": 12}, "run": {"seconds": 3}}))
+    run_id = start_run(uri, "exp-c", "train", stage="train")
+    assert log_manifest_input(uri, run_id, data, "training")
+    assert not log_manifest_input(uri, run_id, tmp_path, "training")  # no manifest: nothing logged
+    [logged] = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == manifest_checksum(data)[:32]
+    assert json.loads(logged.dataset.profile)["rows_written"] == 12
+    assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
