@@ -21,6 +21,8 @@ class ScaleConfig:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
     num_cpus: float = 1.0
+    # Requests waiting at each caller for a replica slot; beyond it they get 503 + Retry-After (-1: no bound).
+    max_queued_requests: int = 64
 
     def autoscaling_config(self) -> dict:
         return dict(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
@@ -30,9 +32,16 @@ class ScaleConfig:
 
 @dataclass
 class BatchingConfig:
-    max_batch_size: int = 8  # concurrent requests decoded as one batch by a model replica
-    batch_wait_timeout_s: float = 0.02
-    max_concurrent_batches: int = 1  # >1 lets a new batch start while one is still decoding
+    # "continuous": requests join/leave the running batch between decode steps (sr_ray.reminder.scheduler);
+    # "static": Serve's @serve.batch, a batch fixed when it starts (kept for `sr-ray bench serve --workload mixed`)
+    scheduler: Literal["continuous", "static"] = "continuous"
+    max_batch_size: int = 8  # rows decoded at once by a model replica
+    kv_budget_tokens: int = 32768  # continuous: cache rows x columns; requests wait when it is full
+    prefill_chunk_tokens: int = 128  # continuous: prompt tokens prefilled between two decode steps
+    separate_check: bool = False  # the check as its own forward: bf16 never-flagged rows = plain (docs/core.md)
+    stuck_after_s: float = 30.0  # check_health fails when one decode iteration runs longer
+    batch_wait_timeout_s: float = 0.02  # static only
+    max_concurrent_batches: int = 1  # static only: >1 lets a new batch start while one is still decoding
 
 
 @dataclass
@@ -91,7 +100,8 @@ class ServeConfig:
     route_prefix: str = "/"
     model_deployment: ScaleConfig = field(default_factory=ScaleConfig)
     ingress_deployment: ScaleConfig = field(default_factory=lambda: ScaleConfig(
-        min_replicas=1, max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=256, num_cpus=0.1))
+        min_replicas=1, max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=256, num_cpus=0.1,
+        max_queued_requests=-1))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     guard: GuardPolicy = field(default_factory=GuardPolicy)
     limits: Limits = field(default_factory=Limits)
