@@ -15,7 +15,7 @@ import argparse
 import os
 
 from sr_ray.runtime import quiet_third_party
-from sr_ray.serve.cli import add_config_args, config_from_args
+from sr_ray.serve.cli import add_config_args, checked_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local one)")
     parser.add_argument("--block", action="store_true", help="keep the driver alive until Ctrl-C (always with a local Ray)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = checked_config(args)
     from sr_ray.serve.app import serve_forever, start
 
     if args.block or not (args.address or os.environ.get("RAY_ADDRESS")):

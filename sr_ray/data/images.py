@@ -78,12 +78,13 @@ def _normalise(image: Image.Image, limits: ImageLimits) -> tuple[Image.Image, bo
     return image, changed
 
 
-def normalise_image_bytes(data: bytes, limits: ImageLimits) -> bytes:
-    """Validate + normalise encoded image bytes; returns the bytes to store."""
+def normalise_image_bytes(data: bytes, limits: ImageLimits, formats: tuple[str, ...] | None = None) -> bytes:
+    """Validate + normalise encoded image bytes; returns the bytes to store. `formats`: the only Pillow
+    plugins tried (None: all)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageRejected(

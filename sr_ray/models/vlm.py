@@ -9,6 +9,8 @@ image's largest position, not from the sequence index).
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -72,31 +74,74 @@ class VLM:
         return self.lm_head.weight.dtype
 
     # ---- prompting -----------------------------------------------------------------------------
-    def render(self, prompt: Prompt) -> str:
-        """Chat template with generation prompt, then the answer prefix (if any)."""
-        content = ([{"type": "image"}] if prompt.image is not None else []) + [
-            {"type": "text", "text": prompt.text}
-        ]
-        messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    def segments(self, prompt: Prompt) -> list[tuple[str, bool]]:
+        """The chat-templated prompt as (text, is_content) pieces, in order. Template pieces carry the real
+        control tokens (`<|im_start|>`, the image placeholder); content pieces (system text, user text,
+        answer prefix) are only ever tokenized as plain text, so `<|im_end|>` typed by a user cannot end
+        its turn and a typed `<image>` is not an image slot."""
+        marks = [f"\x00sr{uuid.uuid4().hex}{i}\x00" for i in range(2)]
+        content = ([{"type": "image"}] if prompt.image is not None else []) + [{"type": "text", "text": marks[1]}]
+        messages = [{"role": "system", "content": marks[0]}] if prompt.system else []
         messages.append({"role": "user", "content": content})
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        values = {marks[0]: prompt.system or "", marks[1]: prompt.text}
+        pieces = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, marks)) + ")", text)):
+            pieces.append((values[piece], True) if i % 2 else (piece, False))
+        if sum(content for _, content in pieces) != len(messages):
+            raise ValueError(f"the chat template of {self.model_id} does not place each message's text once")
         prefix = prompt.answer_prefix.strip()
-        if not prefix:
-            return text
-        # "ASSISTANT:" style templates need a space; ChatML ends in a newline already.
-        return text + (prefix if text[-1:].isspace() else " " + prefix)
+        if prefix:
+            # "ASSISTANT:" style templates need a space; ChatML ends in a newline already.
+            pieces += [("" if text[-1:].isspace() else " ", False), (prefix, True)]
+        return pieces
+
+    def render(self, prompt: Prompt) -> str:
+        """Chat template with generation prompt, then the answer prefix (if any)."""
+        return "".join(text for text, _ in self.segments(prompt))
 
     def encode(self, prompts: list[Prompt]) -> PromptBatch:
-        texts = [self.render(p) for p in prompts]
+        """Left-padded ids: template pieces through the processor (which expands the image placeholder),
+        content pieces through the tokenizer with special-token matching off, stitched per prompt."""
+        rows = [self.segments(p) for p in prompts]
+        template = [text for row in rows for text, content in row if not content]
         images = [p.image.convert("RGB") for p in prompts if p.image is not None]
         enc = self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+            text=template, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
         )
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
-        return PromptBatch(ids, mask, enc)
+        kept = enc.pop("attention_mask").bool()
+        # per-token outputs (input_ids, Qwen's mm_token_type_ids) are stitched; content tokens get 0 types
+        per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == kept.shape]
+        content = [text for row in rows for text, is_content in row if is_content]
+        content_ids = iter(self.tokenizer(content, add_special_tokens=False, split_special_tokens=True).input_ids)
+        template_rows = iter(range(len(template)))
+        stitched = []
+        for row in rows:
+            parts = {k: [] for k in per_token}
+            for _, is_content in row:
+                if is_content:
+                    ids = torch.tensor(next(content_ids), dtype=torch.long)
+                    for k in per_token:
+                        parts[k].append(ids if k == "input_ids" else torch.zeros_like(ids, dtype=enc[k].dtype))
+                else:
+                    j = next(template_rows)
+                    for k in per_token:
+                        parts[k].append(enc[k][j][kept[j]])
+            stitched.append({k: torch.cat(v) for k, v in parts.items()})
+        width = max(len(s["input_ids"]) for s in stitched)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        out = {k: torch.full((len(rows), width), pad if k == "input_ids" else 0, dtype=enc[k].dtype) for k in per_token}
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, s in enumerate(stitched):
+            n = len(s["input_ids"])
+            mask[i, width - n :] = 1
+            for k in per_token:
+                out[k][i, width - n :] = s[k]
+        vision = {k: v for k, v in enc.items() if k not in per_token} | {k: out[k] for k in per_token if k != "input_ids"}
+        vision = {k: v.to(self.device) for k, v in vision.items()}
+        if "pixel_values" in vision:
+            vision["pixel_values"] = vision["pixel_values"].to(self.dtype)
+        return PromptBatch(out["input_ids"].to(self.device), mask.to(self.device), vision)
 
     # ---- embedding and positions ---------------------------------------------------------------
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

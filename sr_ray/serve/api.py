@@ -1,9 +1,11 @@
 """The HTTP surface: an OpenAI-compatible FastAPI app over a `generate(job)` stream of the model replicas.
 
 Routes: `POST /v1/chat/completions` (plain JSON or `stream: true` SSE), `GET /v1/models`, `/health`,
-`/metrics`. Every `/v1/` request passes the gatekeeper first (API key, body size), then the request is
-validated, turned into a `GenerationJob` (images decoded, safety options checked against policy) and
-answered. Every chat request, refused or served, leaves one audit record.
+`/metrics`, `/openapi.json` (no `/docs` page: it would load Swagger UI from a CDN). Every request passes
+the recorder (one audit record, one count, one x-request-id) and, on `/v1/`, the gatekeeper (API key,
+body size and budget; `sr_ray.serve.gate`); then the request is validated, turned into a
+`GenerationJob` (images decoded within the decode budget, safety options checked against policy) and
+answered.
 """
 
 from __future__ import annotations
@@ -12,23 +14,25 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sr_ray.models import Prompt
 from sr_ray.reminder import SamplingConfig
+from sr_ray.serve.audit import AuditLog
+from sr_ray.serve.budget import Busy, ByteBudget
 from sr_ray.serve.config import Limits, ServeConfig
+from sr_ray.serve.gate import ERROR_TYPES, AsciiJSONResponse, Gatekeeper, Recorder, error_response, note
 from sr_ray.serve.holdback import Chunk
 from sr_ray.serve.images import ImageError, ImagePolicy, load_image
 from sr_ray.serve.metrics import ServeMetrics
 from sr_ray.serve.model import Admission, GenerationJob
-from sr_ray.serve.policy import AuditLog, PolicyError, authenticate, resolve_safety, sha256_hex
+from sr_ray.serve.policy import PolicyError, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import (
     ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Health,
     ModelCard, ModelList, TextPart,
@@ -36,62 +40,28 @@ from sr_ray.serve.protocol import (
 
 logger = logging.getLogger("sr_ray.serve")
 Generate = Callable[[GenerationJob], AsyncIterator[Admission | Chunk]]
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               500: "server_error", 504: "timeout"}
 
 
-def error_response(status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_ or ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+def short(value: str, n: int = 64) -> str:
+    """An echo of client input in an error message, cut (a 1 MiB model name is not repeated back)."""
+    return repr(value) if len(value) <= n else repr(value[:n]) + f"... ({len(value)} characters)"
 
 
-class Gatekeeper:
-    """ASGI middleware for `/v1/`: authenticate, and refuse bodies above `max_body_bytes` (413).
-    Refusals are reported to `on_refusal(status, path, reason)` (metrics and the audit log)."""
-
-    def __init__(self, app, keys, max_body_bytes: int, on_refusal: Callable[[int, str, str], None]):
-        self.app, self.keys, self.max_body_bytes, self.on_refusal = app, keys, max_body_bytes, on_refusal
-
-    async def refuse(self, scope, receive, send, status: int, message: str, type_: str | None = None):
-        self.on_refusal(status, scope["path"], message)
-        await error_response(status, message, type_)(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if scope["type"] != "http" or not path.startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            principal = authenticate(headers.get("authorization"), self.keys)
-        except PolicyError as err:
-            return await self.refuse(scope, receive, send, err.status, err.message, err.type)
-        scope.setdefault("state", {})["principal"] = principal
-        too_large = f"request body above the limit of {self.max_body_bytes} bytes"
-        if not headers.get("content-length", "0").isdigit():
-            return await self.refuse(scope, receive, send, 400, "invalid Content-Length header")
-        if int(headers.get("content-length", "0")) > self.max_body_bytes:
-            return await self.refuse(scope, receive, send, 413, too_large)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                return await self.refuse(scope, receive, send, 413, too_large)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+def error_path(body, loc) -> str:
+    """Pydantic's error location as a path into the sent JSON. Steps that index the data are kept (and a
+    missing field's name); the union tags pydantic inserts are dropped: `string`/`list` (a str-or-list
+    field) and a content part's own `type` value, which is its tag."""
+    path, node, tag_skipped = [], body, None
+    for step in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(node, dict) and node.get("type") == step and tag_skipped is not node:
+            tag_skipped = node
+        elif isinstance(node, dict):
+            node = node.get(step)  # None below a missing field: nothing further to index
+            path.append(str(step))
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+            path.append(str(step))
+    return ".".join(path)
 
 
 def parts(message: ChatMessage) -> list:
@@ -132,34 +102,40 @@ def stop_list(stop: str | list[str] | None, limits: Limits) -> list[str]:
     return stops
 
 
-def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseException], ...] = ()) -> FastAPI:
-    app = FastAPI(title="sr_ray guarded VLM", version="0.1.0",
+def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseException], ...] = (),
+               proxy_sets_request_id: bool = False) -> FastAPI:
+    """The app. `proxy_sets_request_id`: behind Serve's proxy, which adds its own x-request-id header."""
+    app = FastAPI(title="sr_ray guarded VLM", version="0.1.0", docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat completions guarded by SafetyReminder (see docs/api.md)")
-    metrics, audit = ServeMetrics(), AuditLog(cfg.audit_log)
+    metrics = ServeMetrics()
+    audit = AuditLog(cfg.audit_log, cfg.audit_max_bytes, cfg.audit_backups, cfg.audit_max_field_chars)
     limits = cfg.limits
     image_policy = ImagePolicy(limits.max_image_bytes, limits.max_image_pixels, limits.max_image_side,
                                cfg.images.allow_remote, tuple(h.lower() for h in cfg.images.allowed_hosts),
-                               cfg.images.timeout_s)
+                               cfg.images.timeout_s, limits.max_image_decoded_bytes)
+    bodies = ByteBudget("request bodies", limits.max_inflight_body_bytes, limits.busy_wait_s)
+    decodes = ByteBudget("decoded image pixels", limits.max_inflight_decoded_bytes, limits.busy_wait_s)
     reminder_loaded, started = bool(cfg.bundle or cfg.probe), int(time.time())
 
-    def gate_refused(status: int, path: str, reason: str) -> None:
-        metrics.requests.labels(str(status), "unknown").inc()
-        audit.write(dict(request_id=f"gate-{uuid.uuid4().hex}", key_id=None, path=path, status=status, reason=reason))
+    app.add_middleware(Gatekeeper, keys=cfg.api_keys, max_body_bytes=limits.max_body_bytes, bodies=bodies)
+    app.add_middleware(Recorder, metrics=metrics, audit=audit, proxy_sets_request_id=proxy_sets_request_id)
 
-    app.add_middleware(Gatekeeper, keys=cfg.api_keys, max_body_bytes=limits.max_body_bytes, on_refusal=gate_refused)
+    def refused(request: Request, status: int, message: str, param: str | None = None, **kw) -> Response:
+        note(request.scope, reason=message)
+        return error_response(status, message, param=param, **kw)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        return error_response(400, f"{where + ': ' if where else ''}{err.get('msg')}", param=where or None)
+        if err.get("type") == "json_invalid":
+            return refused(request, 400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}"
+                                         f" (at character {err['loc'][-1]})")
+        where = error_path(exc.body, err.get("loc", ()))
+        return refused(request, 400, f"{where + ': ' if where else ''}{err.get('msg')}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):  # unparsable body, unknown route, 405...
-        response = error_response(exc.status_code, str(exc.detail))
-        response.headers.update(exc.headers or {})
-        return response
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown route, 405, ...
+        return refused(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.get("/health", response_model=Health)
     async def health():
@@ -175,8 +151,10 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
 
     async def build_job(body: ChatCompletionRequest, principal) -> GenerationJob:
         if body.model != cfg.model_name:
-            raise PolicyError(404, f"model {body.model!r} does not exist; this server serves {cfg.model_name!r}",
-                              param="model")
+            raise PolicyError(404, f"model {short(body.model)} does not exist; this server serves "
+                                   f"{cfg.model_name!r}", param="model")
+        if body.stream_options is not None and not body.stream:
+            raise PolicyError(400, "stream_options is only allowed with stream: true", param="stream_options")
         system, text, urls = split_messages(body.messages, limits)
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
@@ -184,7 +162,7 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
                               param="max_tokens")
         stops = stop_list(body.stop, limits)
         guard = resolve_safety(body.safety, principal, cfg.guard, reminder_loaded)
-        image = await load_image(urls[0], image_policy) if urls else None
+        image = await load_image(urls[0], image_policy, decodes) if urls else None
         temperature = cfg.default_temperature if body.temperature is None else body.temperature
         sampling = SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                                   top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
@@ -194,22 +172,24 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                                   "description": "the completion, or SSE chunks with stream=true"}})
     async def chat(body: ChatCompletionRequest, request: Request):
-        call = Call(body, request.state.principal, metrics, audit, generate, retry_on, limits.request_timeout_s)
+        call = Call(body, request, metrics, generate, retry_on, limits.request_timeout_s)
         try:
-            await call.admit(await build_job(body, call.principal))
+            job = await asyncio.wait_for(build_job(body, call.principal), call.remaining())
+            await call.admit(job)
             if not body.stream:
                 return await call.complete()
         except asyncio.CancelledError:  # the client went away (Serve cancels the handler)
             call.finish(499, reason="client disconnected")
             raise
-        except (PolicyError, ImageError) as err:
-            return call.refuse(err.status, str(err), getattr(err, "type", None), getattr(err, "param", None))
+        except (PolicyError, ImageError, Busy) as err:
+            headers = {"Retry-After": "1"} if isinstance(err, Busy) else None
+            return call.refuse(err.status, str(err), getattr(err, "type", None), getattr(err, "param", None), headers)
         except TimeoutError:
-            return call.refuse(504, "generation exceeded the request timeout")
+            return call.refuse(504, f"the request exceeded its timeout of {limits.request_timeout_s} s")
         except Exception as err:  # noqa: BLE001 (a replica failure is a 500 with an audit record, not a crash)
             logger.exception("chat completion %s failed", call.request_id)
             return call.refuse(500, f"internal error: {type(err).__name__}")
-        return StreamingResponse(call.sse(), media_type="text/event-stream", headers=call.headers)
+        return StreamingResponse(call.sse(), media_type="text/event-stream")
 
     default_openapi = app.openapi
 
@@ -235,28 +215,32 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
 
 
 class Call:
-    """One chat completion in flight: ids, deadline, the text released so far, metrics and the audit record.
+    """One chat completion in flight: ids, deadline, the text released so far, metrics and its fields of
+    the request's audit record (written by the recorder when the response is done).
 
     If a model replica is lost (`retry_on`) before any text reached the client (always true for a plain
     response, which is sent whole), the request is re-sent once; the client never sees the retry.
     """
 
-    def __init__(self, body: ChatCompletionRequest, principal, metrics: ServeMetrics, audit: AuditLog,
-                 generate: Generate, retry_on: tuple[type[BaseException], ...], timeout_s: float):
-        self.body, self.principal, self.metrics, self.audit = body, principal, metrics, audit
-        self.generate, self.retry_on, self.timeout_s = generate, retry_on, timeout_s
+    def __init__(self, body: ChatCompletionRequest, request: Request, metrics: ServeMetrics, generate: Generate,
+                 retry_on: tuple[type[BaseException], ...], timeout_s: float):
+        self.body, self.scope, self.principal, self.metrics = body, request.scope, request.state.principal, metrics
+        self.generate, self.retry_on = generate, retry_on
         self.t0 = time.perf_counter()
-        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.headers = {"x-request-id": self.request_id}
+        self.deadline = asyncio.get_running_loop().time() + timeout_s  # image fetch and decode count too
+        self.request_id = request.state.record["request_id"]
+        note(self.scope, model=body.model, stream=body.stream)
         self.base = dict(id=self.request_id, created=int(time.time()), model=body.model)
         self.prompt_tokens = 0
         self.parts: list[str] = []
         self.delivered = self.retried = self.finished = False
         metrics.in_flight.inc()
 
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
     async def _next(self):
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(anext(self.items), max(0.0, self.deadline - loop.time()))
+        return await asyncio.wait_for(anext(self.items), self.remaining())
 
     async def _start(self) -> None:
         self.parts.clear()
@@ -274,7 +258,7 @@ class Call:
         return True
 
     async def admit(self, job: GenerationJob) -> None:
-        self.job, self.deadline = job, asyncio.get_running_loop().time() + self.timeout_s
+        self.job = job
         try:
             await self._start()
         except self.retry_on as err:
@@ -297,7 +281,7 @@ class Call:
                 return
 
     def finish(self, status: int, final: Chunk | None = None, reason: str | None = None) -> None:
-        """Metrics + audit record, exactly once per call."""
+        """Metrics and the audit fields, exactly once per call; `status` is the request's outcome."""
         if self.finished:
             return
         self.finished = True
@@ -306,25 +290,23 @@ class Call:
         self.metrics.finished(status, self.body.stream, latency, self.prompt_tokens, final and final.safety,
                               final.completion_tokens if final else 0)
         text, safety = "".join(self.parts), (final.safety if final else None) or {}
-        self.audit.write(dict(
-            request_id=self.request_id, key_id=self.principal.key_id, model=self.body.model, stream=self.body.stream,
-            status=status, reason=reason, latency_s=round(latency, 4), guard=safety.get("enabled"),
-            stream_mode=safety.get("stream_mode"), flagged=safety.get("flagged"), flagged_at=safety.get("flagged_at"),
-            p_safe_at_flag=safety.get("p_safe_at_flag"), checks_run=safety.get("checks_run"),
-            finish_reason=final.finish_reason if final else None, retried=self.retried,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=final.completion_tokens if final else 0,
-            emitted_sha256=sha256_hex(text), emitted_chars=len(text)))
+        note(self.scope, outcome=status, reason=reason, guard=safety.get("enabled"),
+             stream_mode=safety.get("stream_mode"), flagged=safety.get("flagged"), flagged_at=safety.get("flagged_at"),
+             p_safe_at_flag=safety.get("p_safe_at_flag"), checks_run=safety.get("checks_run"),
+             finish_reason=final.finish_reason if final else None, retried=self.retried,
+             prompt_tokens=self.prompt_tokens, completion_tokens=final.completion_tokens if final else 0,
+             emitted_sha256=sha256_hex(text), emitted_chars=len(text))
 
-    def refuse(self, status: int, message: str, type_: str | None = None, param: str | None = None) -> JSONResponse:
+    def refuse(self, status: int, message: str, type_: str | None = None, param: str | None = None,
+               headers: dict | None = None) -> Response:
         self.finish(status, reason=message)
-        return error_response(status, message, type_, param)
+        return error_response(status, message, type_, param, headers)
 
     def usage(self, final: Chunk) -> dict:
         n = final.completion_tokens
         return dict(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
 
-    async def complete(self) -> JSONResponse:
+    async def complete(self) -> Response:
         final = None
         async for final in self.chunks():
             pass
@@ -332,7 +314,7 @@ class Call:
         response = ChatCompletionResponse(
             **self.base, choices=[{"message": {"content": "".join(self.parts)}, "finish_reason": final.finish_reason}],
             usage=self.usage(final), safety=final.safety)
-        return JSONResponse(response.model_dump(), headers=self.headers)
+        return AsciiJSONResponse(response.model_dump())
 
     def event(self, **fields) -> str:
         return f"data: {ChatCompletionChunk(**self.base, **fields).model_dump_json(exclude_none=True)}\n\n"

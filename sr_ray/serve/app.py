@@ -31,7 +31,7 @@ class GuardedIngress:
         self.cfg, self.model = cfg, model.options(stream=True)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.cfg, self.generate, retry_on=REPLICA_LOST)
+        return create_api(self.cfg, self.generate, retry_on=REPLICA_LOST, proxy_sets_request_id=True)
 
     def generate(self, job: GenerationJob):
         return self.model.generate.remote(job)
@@ -51,9 +51,28 @@ def build_app(cfg: ServeConfig):
     return ingress.bind(cfg, model.bind(cfg))
 
 
+def preflight(cfg: ServeConfig) -> None:
+    """What can be checked before Ray starts, so a typo fails in a second with its reason, not after Ray
+    and Serve came up: the config's rules, the reminder bundle or probe loaded (checksums verified; a
+    `models:/` URI is resolved through MLflow), the audit log's directory created."""
+    from sr_ray.reminder import HarmProbe, ReminderBundle
+    from sr_ray.serve.audit import node_path
+    from sr_ray.serve.model import resolve_bundle_dir
+
+    cfg.validate()
+    if cfg.bundle:
+        ReminderBundle.load(resolve_bundle_dir(cfg.bundle, cfg.tracking_uri))
+    elif cfg.probe:
+        HarmProbe.load(cfg.probe)
+    if cfg.audit_log:
+        node_path(cfg.audit_log).parent.mkdir(parents=True, exist_ok=True)
+
+
 def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
-    """Join Ray (the running session, `ray_address`, $RAY_ADDRESS, else a local one with workers at normal
-    priority), start Serve's HTTP proxy on cfg.host:cfg.port, deploy; return the base URL."""
+    """Check `cfg` (`preflight`), join Ray (the running session, `ray_address`, $RAY_ADDRESS, else a local
+    one with workers at normal priority), start Serve's HTTP proxy on cfg.host:cfg.port, deploy; return
+    the base URL."""
+    preflight(cfg)
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
     ensure_ray()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+import yaml
 
 from sr_ray.serve.config import load_config
 
@@ -28,10 +31,25 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, overrides + args.set)
 
 
+def checked_config(args: argparse.Namespace):
+    """The config, validated and its bundle load-checked before any Ray start; on a mistake, exit 2 with
+    one line naming it (no traceback)."""
+    from sr_ray.reminder.artifacts import ArtifactError
+    from sr_ray.serve.app import preflight
+
+    try:
+        cfg = config_from_args(args)
+        preflight(cfg)
+    except (ValueError, TypeError, OSError, ArtifactError, yaml.YAMLError) as err:
+        print(f"sr-ray serve: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sr_ray.serve.app import serve_forever
 
-    serve_forever(config_from_args(args), ray_address=args.address)
+    serve_forever(checked_config(args), ray_address=args.address)
     return 0
 
 

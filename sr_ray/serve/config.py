@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,13 @@ class Limits:
     max_body_bytes: int = 8 * 2**20
     max_image_bytes: int = 5 * 2**20
     max_image_pixels: int = 16 * 2**20  # checked from the header, before decoding (bomb guard)
+    max_image_decoded_bytes: int = 64 * 2**20  # width x height x bytes per pixel of the decoded mode
+    # Per ingress replica: bodies being handled, and decoded bytes of images being normalised (the
+    # normaliser's working copies add ~5x the decoded bytes). Above the budget a request waits up to
+    # `busy_wait_s`, then gets a 503 with Retry-After.
+    max_inflight_body_bytes: int = 64 * 2**20
+    max_inflight_decoded_bytes: int = 64 * 2**20
+    busy_wait_s: float = 5.0
     max_image_side: int = 768  # larger images are shrunk (as the data pipeline does)
     max_images: int = 1  # the model takes one image per turn
     max_messages: int = 16
@@ -107,7 +115,11 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     images: ImageFetchConfig = field(default_factory=ImageFetchConfig)
     api_keys: list[ApiKey] = field(default_factory=list)  # empty: no authentication (local use)
-    audit_log: str | None = "serve_audit.jsonl"
+    audit_log: str | None = "serve_audit.jsonl"  # `{node}` -> host name: one file per node on shared storage
+    audit_max_bytes: int = 64 * 2**20  # rotate above this; at most (audit_backups + 1) files are kept
+    audit_backups: int = 4
+    audit_max_field_chars: int = 256  # longer strings are cut (records stay <= 4 kB)
+    allow_public_without_keys: bool = False  # a non-loopback `host` needs api_keys unless this is set
     default_temperature: float = 0.0  # used when a request sends none (0: greedy, reproducible)
     torch_threads: int | None = None  # per model replica; None: torch's default
 
@@ -129,9 +141,29 @@ class ServeConfig:
         lo, hi = self.guard.threshold_bounds
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guard.threshold_bounds must be within [0, 1], got {self.guard.threshold_bounds}")
-        if self.limits.default_max_tokens > self.limits.max_tokens:
+        limits = self.limits
+        if limits.default_max_tokens > limits.max_tokens:
             raise ValueError("limits.default_max_tokens exceeds limits.max_tokens")
+        for small, big in (("max_body_bytes", "max_inflight_body_bytes"),
+                           ("max_image_decoded_bytes", "max_inflight_decoded_bytes")):
+            if getattr(limits, small) > getattr(limits, big):  # such a request could never be admitted
+                raise ValueError(f"limits.{small} exceeds limits.{big}")
+        if self.audit_max_bytes < 4096 or self.audit_backups < 0:
+            raise ValueError("audit_max_bytes must be >= 4096 (one record) and audit_backups >= 0")
+        if not self.api_keys and not is_loopback(self.host) and not self.allow_public_without_keys:
+            raise ValueError(f"host {self.host!r} is reachable from other machines but no api_keys are configured: "
+                             "anyone could use the model. Add api_keys, bind 127.0.0.1, or set "
+                             "allow_public_without_keys: true if a gateway in front authenticates")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def _build(cls, data: dict, where: str):

@@ -13,8 +13,10 @@ class ServeMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sr_ray_requests", "Chat completion requests by HTTP status and mode",
-                                ["status", "stream"], registry=r)
+        # every request but /health and /metrics, refused ones included; route: chat|models|openapi|other
+        self.requests = Counter("sr_ray_requests", "Requests by HTTP status (a stream's outcome), mode and route",
+                                ["status", "stream", "route"], registry=r)
+        self.audit_failures = Counter("sr_ray_audit_write_failures", "Audit records the disk refused", registry=r)
         self.prompt_tokens = Counter("sr_ray_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.completion_tokens = Counter("sr_ray_completion_tokens", "Tokens emitted to clients", registry=r)
         self.checks = Counter("sr_ray_guard_checks", "Probe checks run", registry=r)
@@ -30,8 +32,8 @@ class ServeMetrics:
 
     def finished(self, status: int, stream: bool, latency_s: float, prompt_tokens: int = 0,
                  safety: dict | None = None, completion_tokens: int = 0) -> None:
+        """Latency and token counts of one chat completion (the request itself is counted by the recorder)."""
         mode = "true" if stream else "false"
-        self.requests.labels(str(status), mode).inc()
         if status != 200:
             return
         self.latency.labels(mode).observe(latency_s)

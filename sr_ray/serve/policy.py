@@ -1,22 +1,16 @@
-"""Who may call, what they may ask the guard to do, and the append-only audit trail.
+"""Who may call and what they may ask the guard to do (the audit trail is in `sr_ray.serve.audit`).
 
 - API keys: `Authorization: Bearer <key>`; the server knows only each key's sha256, compared in constant
   time. No keys configured means no authentication (local use); then nobody is an admin.
 - Safety options: `interval` / `threshold` only within the server's bounds; weakening the guard (turning
   it off, or `stream_first`) needs an admin key.
-- Audit log: one JSON line per chat request, appended with a single O_APPEND write, so several ingress
-  replicas can share a file. It stores a hash of the emitted text, not the text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sr_ray.serve.config import ApiKey, GuardPolicy
 from sr_ray.serve.protocol import SafetyOptions
@@ -87,22 +81,3 @@ def resolve_safety(options: SafetyOptions | None, principal: Principal, policy: 
     interval = opts.interval if opts.interval is not None else policy.interval
     threshold = opts.threshold if opts.threshold is not None else policy.threshold
     return GuardChoice(enabled, hold_back, interval, threshold)
-
-
-class AuditLog:
-    """Append-only JSONL: request id, key id, outcome, guard report and the sha256 of the emitted text."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
-            return
-        line = (json.dumps({"ts": round(time.time(), 3), **record}, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)

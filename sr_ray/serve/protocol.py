@@ -7,9 +7,33 @@ key, `safety`, which OpenAI clients keep (`response.safety` / `response.model_ex
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which are not text: nothing can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"contains a lone UTF-16 surrogate at position {err.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+
+
+def _json_kind(value: Any) -> str | None:
+    return "string" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+def string_or_list(item, what: str):
+    """`str | list[item]` chosen by the JSON type, so an error names the one shape that was sent (a plain
+    union reports every member's error, e.g. 'should be a valid string' for a bad list element)."""
+    return Annotated[Union[Annotated[Text, Tag("string")], Annotated[list[item], Tag("list")]],
+                     Discriminator(_json_kind, custom_error_type="string_or_list",
+                                   custom_error_message=f"expected {what}")]
 
 
 class _Strict(BaseModel):
@@ -20,13 +44,13 @@ class _Strict(BaseModel):
 
 # ---- request ------------------------------------------------------------------------------------
 class ImageURL(_Strict):
-    url: str = Field(max_length=16 * 2**20)
+    url: Text = Field(max_length=16 * 2**20)
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(_Strict):
@@ -39,8 +63,8 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: string_or_list(ContentPart, "a string or a list of content parts")
+    name: Text | None = Field(None, max_length=256)
 
 
 class SafetyOptions(_Strict):
@@ -58,7 +82,7 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    model: str
+    model: Text = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,9 +91,9 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: string_or_list(Text, "a string or a list of strings") | None = None
     n: Literal[1] = 1
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
     safety: SafetyOptions | None = None
 
 
@@ -169,7 +193,8 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "invalid request", 401: "missing or unknown API key", 403: "not allowed for this key",
-        404: "unknown model", 413: "body or image too large", 500: "internal error",
+        404: "unknown model", 413: "body or image too large",
+        503: "busy: the replica's memory budget for bodies or decoded images is in use; retry", 500: "internal error",
         504: "generation timed out",
     }.items()
 }

@@ -1,4 +1,4 @@
-"""API keys, safety-option bounds, the audit log, config loading and reminder loading (no Ray)."""
+"""API keys, safety-option bounds, config loading and reminder loading (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sr_ray.reminder import ArtifactError
 from sr_ray.serve.config import ApiKey, GuardPolicy, ServeConfig, load_config
 from sr_ray.serve.model import load_reminder
-from sr_ray.serve.policy import ANONYMOUS, AuditLog, PolicyError, authenticate, resolve_safety, sha256_hex
+from sr_ray.serve.policy import ANONYMOUS, PolicyError, authenticate, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import SafetyOptions
 from tests.serve.conftest import constant_probe_bundle
 
@@ -59,15 +59,6 @@ def test_guard_without_reminder():
     with pytest.raises(ValueError, match="guard.enabled needs a reminder"):
         ServeConfig(model="tiny-llava").validate()
     ServeConfig(model="tiny-llava", guard=off_server).validate()
-
-
-def test_audit_log_appends_json_lines(tmp_path):
-    path = tmp_path / "logs" / "audit.jsonl"
-    AuditLog(path).write({"request_id": "a", "flagged": False})
-    AuditLog(path).write({"request_id": "b", "flagged": True})  # a second writer appends, never truncates
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["request_id"] for r in records] == ["a", "b"] and all("ts" in r for r in records)
-    AuditLog(None).write({"request_id": "ignored"})
 
 
 def test_config_file_overrides_and_errors(tmp_path):
