@@ -1,16 +1,21 @@
 """The model replica: one VLM + reminder, decoding concurrent requests as one guarded batch.
 
 `generate(job)` streams one request: first an `Admission` (prompt token count, or why it is refused),
-then `Chunk`s of released text. Requests that arrive together are decoded in one
-`GuardedGenerator.stream()` call (`@serve.batch`, streaming form: one list of per-request results per
-decode step, with per-row sampling and guard settings). All tokenizer and torch work runs on one worker
-thread: the replica's event loop stays free for new requests and health checks, and the fast tokenizer,
-which is not safe to use from two threads at once, is only ever used from that thread.
+then `Chunk`s of released text. Two batchers (`batching.scheduler`):
+- "continuous" (default): a `ContinuousScheduler` thread; a request joins the running batch between decode
+  steps and leaves when it finishes, when its client goes away (Serve cancels this generator, which cancels
+  its row) or when its text is complete (stop string, max_tokens);
+- "static": requests that arrive together are decoded in one `GuardedGenerator.stream()` call
+  (`@serve.batch`, streaming form), a batch fixed when it starts; kept as the benchmark's baseline.
+All tokenizer and torch work runs on one thread (the scheduler's, or the static worker): the replica's
+event loop stays free for new requests and health checks, and the fast tokenizer, which is not safe to use
+from two threads at once, is only ever used from that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +25,7 @@ from ray import serve
 
 from sr_ray.models import Prompt, load_vlm
 from sr_ray.reminder import GuardConfig, GuardedGenerator, HarmProbe, ReminderBundle, SamplingConfig, SoftPrompt
+from sr_ray.reminder.scheduler import ContinuousScheduler, SchedulerConfig
 from sr_ray.runtime import quiet_third_party
 from sr_ray.serve.config import ServeConfig
 from sr_ray.serve.holdback import Releaser
@@ -72,19 +78,44 @@ class GuardedModel:
         self.vlm = load_vlm(cfg.model)
         reminder = load_reminder(cfg, self.vlm)
         soft_prompt, probe, self.base_guard = reminder or (None, None, GuardConfig())
-        self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr_ray_model")
         b = cfg.batching
-        self._batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
-                                    max_concurrent_batches=b.max_concurrent_batches)(self._decode_batch)
+        self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard, separate_check=b.separate_check)
+        self.scheduler = None
+        if b.scheduler == "continuous":
+            self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(
+                max_batch_size=b.max_batch_size, kv_budget_tokens=b.kv_budget_tokens,
+                prefill_chunk_tokens=b.prefill_chunk_tokens, stuck_after_s=b.stuck_after_s)).start()
+        else:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr_ray_model")
+            self._batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
+                                        max_concurrent_batches=b.max_concurrent_batches)(self._decode_batch)
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: fails (and the replica is replaced) when the decode loop is stuck or gone."""
+        if self.scheduler is not None:
+            self.scheduler.check()
+
+    def stats(self) -> dict:
+        """The scheduler's counters (requests finished/cancelled, decode steps, largest batch)."""
+        return dataclasses.asdict(self.scheduler.stats) | {"rows": self.scheduler.rows} if self.scheduler else {}
+
+    def __del__(self):
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
 
     async def _on_worker(self, fn, *args):
+        if self.scheduler is not None:
+            return await asyncio.wrap_future(self.scheduler.call(fn, *args))
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def prompt_tokens(self, prompt: Prompt) -> int:
         return int(self.vlm.encode([prompt]).attention_mask.sum())
 
     async def generate(self, job: GenerationJob):
+        if self.scheduler is not None:
+            async for item in self._generate_continuous(job):
+                yield item
+            return
         n = await self._on_worker(self.prompt_tokens, job.prompt)
         if n > job.max_prompt_tokens:
             yield Admission(n, f"the prompt is {n} tokens, above this server's limit of {job.max_prompt_tokens}")
@@ -101,6 +132,41 @@ class GuardedModel:
             # The batch decodes on for other rows; consume this row's remaining results so no future is
             # left unretrieved (the batch ends this row's results one step after its last chunk).
             asyncio.get_running_loop().create_task(_drain(results))
+
+    async def _generate_continuous(self, job: GenerationJob):
+        encoded = await self._on_worker(self.vlm.encode, [job.prompt])
+        n = int(encoded.attention_mask.sum())
+        if n > job.max_prompt_tokens:
+            yield Admission(n, f"the prompt is {n} tokens, above this server's limit of {job.max_prompt_tokens}")
+            return
+        loop, chunks = asyncio.get_running_loop(), asyncio.Queue()
+        releaser, ticket = self._releaser(job), None
+
+        def on_events(events) -> None:  # on the scheduler's thread, like every tokenizer call
+            for event in events:
+                chunk = releaser.feed(event)
+                if chunk is not None:
+                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            if releaser.done:  # stop string or max_tokens: the row need not decode on
+                ticket.cancel()
+
+        try:
+            ticket = self.scheduler.submit(job.prompt, job.sampling, self._guard_config(job), on_events,
+                                           lambda err: loop.call_soon_threadsafe(chunks.put_nowait, err), encoded)
+        except ValueError as err:  # can never fit this replica's KV budget
+            yield Admission(n, str(err))
+            return
+        try:
+            yield Admission(n)
+            while True:
+                chunk = await chunks.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:  # finished, cancelled by Serve (client gone, timeout) or failed: the row leaves the batch
+            ticket.cancel()
 
     def _guard_config(self, job: GenerationJob) -> GuardConfig | None:
         choice = job.guard
