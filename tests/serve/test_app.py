@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +33,12 @@ from schemathesis.specs.openapi.checks import (
 from sr_ray.models import Prompt
 from sr_ray.reminder import GuardConfig, GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.serve.bench import ServeBenchConfig, free_port, run_serve_bench
-from sr_ray.serve.config import ApiKey, BatchingConfig, GuardPolicy, Limits, ScaleConfig, ServeConfig
-from tests.serve.conftest import constant_probe_bundle, data_url, png_bytes, png_header_only
+from sr_ray.serve.config import BatchingConfig, GuardPolicy, ScaleConfig, ServeConfig
+from tests.serve.conftest import constant_probe_bundle, data_url, png_bytes
+from tests.serve.hostile import ADMIN_KEY, CASES, MODEL, USER_KEY, api_keys, chat, check, limits, send
 
 pytestmark = pytest.mark.slow
 
-USER_KEY, ADMIN_KEY = "user-key-7f3a", "admin-key-91c2"
-MODEL = "tiny-llava"
 NEVER, ALWAYS = 0.2, 0.9  # thresholds around the constant P(safe) = 0.5
 
 
@@ -63,18 +61,15 @@ def live(ray_session, tiny_llava, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     bundle = constant_probe_bundle(tiny_llava, tmp / "bundle", bias=0.0, interval=4)
-    sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
     cfg = ServeConfig(
         model=MODEL, bundle=str(bundle), app_name="sr_ray_test", port=free_port(), audit_log=str(tmp / "audit.jsonl"),
-        api_keys=[ApiKey("user", sha(USER_KEY)), ApiKey("admin", sha(ADMIN_KEY), admin=True)],
+        api_keys=api_keys(),
         model_deployment=ScaleConfig(min_replicas=2, max_replicas=2, num_cpus=0.5, target_ongoing_requests=4,
                                      max_ongoing_requests=8),
         ingress_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=0.1, max_ongoing_requests=64),
         batching=BatchingConfig(max_batch_size=4),
         guard=GuardPolicy(interval_bounds=(2, 16), threshold_bounds=(0.1, 0.9)),
-        limits=Limits(max_body_bytes=300_000, max_image_bytes=100_000, max_image_pixels=1_000_000, max_image_side=256,
-                      max_text_chars=4000, max_prompt_tokens=256, max_tokens=24, default_max_tokens=12,
-                      request_timeout_s=60))
+        limits=limits())
     url = start(cfg)
     yield Live(url, cfg, bundle, Path(cfg.audit_log))
     serve.delete(cfg.app_name)
@@ -197,89 +192,17 @@ def test_guard_off_needs_admin(live):
 
 
 # ---- hostile input -------------------------------------------------------------------------------
-def chat(**fields) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
-
-
-def user(*parts) -> dict:
-    return chat(messages=[{"role": "user", "content": list(parts)}])
-
-
-def image(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-TEXT = {"type": "text", "text": "what is this?"}
-JSON = {"content-type": "application/json"}
-rng = random.Random(0)
-CASES = [
-    ("no key", dict(json=chat(), headers={"Authorization": None}), 401),
-    ("empty key", dict(json=chat(), headers={"Authorization": "Bearer"}), 401),
-    ("wrong key", dict(json=chat(), headers={"Authorization": "Bearer nope"}), 401),
-    ("basic auth", dict(json=chat(), headers={"Authorization": f"Basic {USER_KEY}"}), 401),
-    ("bad json", dict(content=b'{"model": "tiny-llava", "messages": [', headers=JSON), 400),
-    ("invalid utf-8", dict(content=b'{"model": "\xff\xfe"}', headers=JSON), 400),
-    ("json array", dict(json=[chat()]), 400),
-    ("not json", dict(content=b"model=tiny-llava", headers={"content-type": "application/x-www-form-urlencoded"}), 400),
-    ("missing model", dict(json={"messages": [{"role": "user", "content": "hi"}]}), 400),
-    ("missing messages", dict(json={"model": MODEL}), 400),
-    ("empty messages", dict(json=chat(messages=[])), 400),
-    ("unknown model", dict(json=chat(model="gpt-4o")), 404),
-    ("messages is a string", dict(json=chat(messages="hi")), 400),
-    ("bad role", dict(json=chat(messages=[{"role": "wizard", "content": "hi"}])), 400),
-    ("content is a number", dict(json=chat(messages=[{"role": "user", "content": 42}])), 400),
-    ("unknown part type", dict(json=user({"type": "audio", "audio": "x"})), 400),
-    ("max_tokens huge", dict(json=chat(max_tokens=10**12)), 400),
-    ("max_tokens zero", dict(json=chat(max_tokens=0)), 400),
-    ("max_tokens string", dict(json=chat(max_tokens="16")), 400),
-    ("temperature negative", dict(json=chat(temperature=-1)), 400),
-    ("temperature huge", dict(json=chat(temperature=1e308)), 400),
-    ("top_p zero", dict(json=chat(top_p=0)), 400),
-    ("n=2", dict(json=chat(n=2)), 400),
-    ("seed negative", dict(json=chat(seed=-5)), 400),
-    ("stream not a bool", dict(json=chat(stream={"yes": 1})), 400),
-    ("unsupported field", dict(json=chat(logit_bias={"1": 100})), 400),
-    ("too many stops", dict(json=chat(stop=["a", "b", "c", "d", "e"])), 400),
-    ("empty stop", dict(json=chat(stop=[""])), 400),
-    ("multi-turn history", dict(json=chat(messages=[{"role": "user", "content": "hi"},
-                                                    {"role": "assistant", "content": "hello"},
-                                                    {"role": "user", "content": "more"}])), 400),
-    ("system only", dict(json=chat(messages=[{"role": "system", "content": "be nice"}])), 400),
-    ("image in system", dict(json=chat(messages=[{"role": "system", "content": [image(data_url(png_bytes()))]},
-                                                 {"role": "user", "content": "hi"}])), 400),
-    ("two images", dict(json=user(image(data_url(png_bytes())), image(data_url(png_bytes())), TEXT)), 400),
-    ("corrupt image", dict(json=user(image(data_url(rng.randbytes(2000))), TEXT)), 400),
-    ("truncated png", dict(json=user(image(data_url(png_bytes((64, 64), "blue")[:70])), TEXT)), 400),
-    ("bomb header", dict(json=user(image(data_url(png_header_only(40_000, 40_000))), TEXT)), 400),
-    ("image too many bytes", dict(json=user(image(data_url(rng.randbytes(150_000))), TEXT)), 413),
-    ("bad base64", dict(json=user(image("data:image/png;base64,!!!notbase64"), TEXT)), 400),
-    ("non-image data url", dict(json=user(image("data:text/html;base64,PHNjcmlwdD4="), TEXT)), 400),
-    ("file url", dict(json=user(image("file:///etc/passwd"), TEXT)), 400),
-    ("loopback url", dict(json=user(image("http://127.0.0.1:8265/api/jobs"), TEXT)), 400),
-    ("metadata url", dict(json=user(image("http://169.254.169.254/latest/meta-data/iam"), TEXT)), 400),
-    ("ipv6 loopback url", dict(json=user(image("http://[::1]/a.png"), TEXT)), 400),
-    ("image_url not an object", dict(json=user({"type": "image_url", "image_url": "http://x/a.png"}, TEXT)), 400),
-    ("interval out of bounds", dict(json=chat(safety={"interval": 1000})), 400),
-    ("threshold above 1", dict(json=chat(safety={"threshold": 1.5})), 400),
-    ("guard off without admin", dict(json=chat(safety={"enabled": False})), 403),
-    ("stream_first without admin", dict(json=chat(safety={"stream_mode": "stream_first"})), 403),
-    ("body too large", dict(json=chat(messages=[{"role": "user", "content": "x" * 400_000}])), 413),
-    ("text too long", dict(json=chat(messages=[{"role": "user", "content": "word " * 1000}])), 400),
-    ("prompt too many tokens", dict(json=chat(messages=[{"role": "user", "content": "zq" * 1900}])), 400),
-]
-
-
 def test_hostile_input_matrix_gets_4xx_and_the_server_keeps_serving(live):
-    assert len(CASES) >= 30
+    """The shared matrix (tests/serve/hostile.py) through the real Serve proxy; each case is followed by a
+    normal request. Also: one x-request-id per response although Serve's proxy adds its own."""
     good = chat(max_tokens=2)
     auth = {"Authorization": f"Bearer {USER_KEY}"}
     with httpx.Client(base_url=live.url, timeout=60) as http:
-        for name, request, status in CASES:
-            headers = {k: v for k, v in {**auth, **request.get("headers", {})}.items() if v is not None}
-            response = http.post("/v1/chat/completions", **{**request, "headers": headers})
-            assert response.status_code == status, (name, response.text[:300])
-            assert response.json()["error"]["message"], name
-            assert http.post("/v1/chat/completions", headers=auth, json=good).status_code == 200, name
+        for case in CASES:
+            response = send(http, case, auth)
+            check(case, response)
+            assert len(response.headers.get_list("x-request-id")) == 1, case.name
+            assert http.post("/v1/chat/completions", headers=auth, json=good).status_code == 200, case.name
         assert http.get("/v1/chat/completions", headers=auth).status_code == 405
 
 
