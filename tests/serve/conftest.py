@@ -57,22 +57,3 @@ def tiny_llava():
 
     return load_vlm("tiny-llava")
 
-
-def in_process_model(cfg):
-    """The model replica's own class, run in the test process for the in-process app tests: Serve's
-    `@serve.batch` needs a replica context, so each request decodes as a batch of one. The engine, the
-    prompt admission (tokenizer, token limit) and the hold-back releaser are the real ones."""
-    from sr_ray.serve.model import GuardedModel
-
-    class InProcessModel(GuardedModel):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            self._batched = self._alone
-
-        async def _alone(self, job):
-            async for results in self._decode_batch([job]):
-                if results[0] is StopAsyncIteration:  # the batcher's end-of-row sentinel
-                    return
-                yield results[0]
-
-    return InProcessModel(cfg)

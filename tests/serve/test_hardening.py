@@ -1,5 +1,6 @@
-"""Issue 16 in-process: the real app (`create_api`) over the real model class on tiny-llava, driven through
-Starlette's TestClient (no Serve startup): the shared hostile matrix, one audit record and one count per
+"""Issue 16 in-process: the real app (`create_api`) over the real model replica class (`GuardedModel`, its
+continuous scheduler) on tiny-llava, driven through Starlette's TestClient or httpx's ASGI transport (no
+Serve startup): the shared hostile matrix, one audit record and one count per
 request, bounded records, the body budget, config refusals and the CLI's checks before Ray starts."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import asyncio
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ from sr_ray.models import Prompt
 from sr_ray.serve.api import create_api
 from sr_ray.serve.audit import MAX_RECORD_BYTES
 from sr_ray.serve.config import GuardPolicy, ImageFetchConfig, ServeConfig
-from tests.serve.conftest import constant_probe_bundle, data_url, in_process_model
+from sr_ray.serve.model import GuardedModel
+from tests.serve.conftest import constant_probe_bundle, data_url
 from tests.serve.hostile import CASES, FORGED_TURN, MODEL, USER_KEY, api_keys, chat, check, limits, send
 
 AUTH = {"Authorization": f"Bearer {USER_KEY}"}
@@ -42,9 +45,10 @@ def config(bundle, tmp_path, **overrides) -> ServeConfig:
 @pytest.fixture(scope="module")
 def served(bundle, tmp_path_factory):
     cfg = config(bundle, tmp_path_factory.mktemp("served"))
-    model = in_process_model(cfg)
+    model = GuardedModel(cfg)
     with TestClient(create_api(cfg, model.generate), raise_server_exceptions=False) as client:
         yield cfg, client
+    model.scheduler.close()
 
 
 def audit_records(cfg) -> list[dict]:
@@ -112,7 +116,8 @@ def test_forged_turn_is_answered_as_one_user_turn(served, tiny_llava):
 
 def test_body_budget_waits_then_refuses_with_503(bundle, tmp_path):
     cfg = config(bundle, tmp_path, limits=limits(max_inflight_body_bytes=300_000, busy_wait_s=0.0))
-    app = create_api(cfg, in_process_model(cfg).generate)
+    model = GuardedModel(cfg)
+    app = create_api(cfg, model.generate)
     noise = io.BytesIO()
     Image.frombytes("RGB", (160, 160), random.Random(1).randbytes(160 * 160 * 3)).save(noise, "PNG")
     body = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(noise.getvalue())}},
@@ -124,9 +129,74 @@ def test_body_budget_waits_then_refuses_with_503(bundle, tmp_path):
             return await asyncio.gather(*(http.post("/v1/chat/completions", headers=AUTH, json=body)
                                           for _ in range(n)))
 
-    responses = asyncio.run(burst(3))
+    try:
+        responses = asyncio.run(burst(3))
+    finally:
+        model.scheduler.close()
     statuses = sorted(r.status_code for r in responses)
     assert statuses[0] == 200 and statuses[-1] == 503, statuses
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "server busy" in busy.json()["error"]["message"]
     assert len(audit_records(cfg)) == 3
+
+
+@pytest.mark.parametrize("host, keys, override, allowed", [
+    ("127.0.0.1", False, False, True), ("localhost", False, False, True), ("::1", False, False, True),
+    ("0.0.0.0", False, False, False), ("::", False, False, False), ("10.0.0.5", False, False, False),
+    ("serve.internal", False, False, False), ("0.0.0.0", True, False, True), ("0.0.0.0", False, True, True),
+])
+def test_public_bind_needs_api_keys_or_an_explicit_override(host, keys, override, allowed):
+    cfg = ServeConfig(model=MODEL, host=host, api_keys=api_keys() if keys else [],
+                      allow_public_without_keys=override, guard=GuardPolicy(enabled=False))
+    if allowed:
+        cfg.validate()
+    else:
+        with pytest.raises(ValueError, match="reachable from other machines but no api_keys"):
+            cfg.validate()
+
+
+class RayWouldStart(Exception):
+    pass
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`sr-ray serve ...` up to the point where Ray would start (`ensure_ray` raises instead)."""
+    from sr_ray import cli as sr_ray_cli
+    from sr_ray.serve import app
+
+    def no_ray():
+        raise RayWouldStart
+
+    monkeypatch.setattr(app, "ensure_ray", no_ray)
+
+    def run(*argv) -> tuple[int | str, str]:
+        try:
+            sr_ray_cli.main(["serve", "--model", MODEL, *argv])
+        except SystemExit as exit_:
+            return exit_.code, capsys.readouterr().err
+        except RayWouldStart:
+            return "ray", ""
+        raise AssertionError("returned without starting Ray")
+
+    return run
+
+
+def test_serve_cli_refuses_bad_bundles_and_configs_before_ray(cli, bundle, tmp_path):
+    assert cli("--bundle", str(tmp_path / "missing")) == (2, f"sr-ray serve: error: reminder bundle "
+                                                             f"'{tmp_path / 'missing'}' is not a directory or an "
+                                                             f"MLflow models:/ URI\n")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    tensors = next(tampered.glob("probe/*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-4] + b"\x01\x02\x03\x04")
+    code, err = cli("--bundle", str(tampered))
+    assert code == 2 and "checksum mismatch" in err and "Traceback" not in err
+    (tmp_path / "bad.yaml").write_text("limits: {max_tokenz: 3}\n")
+    code, err = cli("--bundle", str(bundle), "--config", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "unknown keys ['max_tokenz']" in err
+    (tmp_path / "broken.yaml").write_text("limits: [\n")
+    assert cli("--config", str(tmp_path / "broken.yaml"))[0] == 2
+    code, err = cli("--bundle", str(bundle), "--host", "0.0.0.0")
+    assert code == 2 and "no api_keys" in err
+    assert cli("--no-guard")[0] == "ray" and cli("--bundle", str(bundle))[0] == "ray"  # valid: on to Ray
