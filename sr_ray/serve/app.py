@@ -1,23 +1,31 @@
 """The Ray Serve application: an autoscaled FastAPI ingress in front of autoscaled, batching model replicas.
 
     client --HTTP--> Serve proxy --> GuardedIngress (auth, validation, SSE, metrics, audit)
-                                         --handle, streaming--> GuardedModel (VLM + reminder, @serve.batch)
+                                         --handle, streaming--> GuardedModel (VLM + reminder, scheduler)
 
 The ingress re-sends a request to another model replica when the one serving it dies before any text
 reached the client (see `api.Call`); a stream that already showed text fails with an in-band error.
+Backpressure: beyond `max_ongoing_requests` per replica, at most `max_queued_requests` wait at each
+caller; more get 503 with Retry-After (`BackPressureError` from the handle). A replica's `check_health`
+fails when its decode loop is stuck. Replicas shut down gracefully for longer than the request timeout,
+so a downscale lets every admitted answer finish.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sr_ray.runtime import ensure_ray, quiet_third_party, ray_runtime_env
 from sr_ray.serve.api import create_api
+from sr_ray.serve.budget import Busy
 from sr_ray.serve.config import ServeConfig
 from sr_ray.serve.model import GenerationJob, GuardedModel
 
@@ -33,8 +41,17 @@ class GuardedIngress:
     def __serve_build_asgi_app__(self):
         return create_api(self.cfg, self.generate, retry_on=REPLICA_LOST, proxy_sets_request_id=True)
 
-    def generate(self, job: GenerationJob):
-        return self.model.generate.remote(job)
+    async def generate(self, job: GenerationJob):
+        response = self.model.generate.remote(job)
+        try:
+            async for item in response:
+                yield item
+        except BackPressureError as err:
+            raise Busy(f"the model replicas are at capacity: {err}") from None
+        except (GeneratorExit, asyncio.CancelledError):  # closed early (client gone, timeout): free the row
+            with contextlib.suppress(Exception):  # best effort; an unassigned request raises its own cancel
+                response.cancel()
+            raise
 
 
 def build_app(cfg: ServeConfig):
@@ -42,11 +59,15 @@ def build_app(cfg: ServeConfig):
     cfg.validate()
     runtime_env = ray_runtime_env()
     m, i = cfg.model_deployment, cfg.ingress_deployment
+    drain_s = cfg.limits.request_timeout_s + 30  # longer than any admitted request may run
     model = serve.deployment(GuardedModel).options(
         name="GuardedModel", autoscaling_config=m.autoscaling_config(), max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests, graceful_shutdown_timeout_s=drain_s,
         ray_actor_options={"num_cpus": m.num_cpus, "runtime_env": runtime_env}, health_check_period_s=5)
     ingress = serve.deployment(GuardedIngress).options(
         name="GuardedIngress", autoscaling_config=i.autoscaling_config(), max_ongoing_requests=i.max_ongoing_requests,
+        max_queued_requests=i.max_queued_requests, graceful_shutdown_timeout_s=drain_s,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": i.num_cpus, "runtime_env": runtime_env})
     return ingress.bind(cfg, model.bind(cfg))
 

@@ -1,0 +1,92 @@
+"""The continuous scheduler behind real Ray Serve on 127.0.0.1: a full replica queue answers 503 with
+Retry-After, and a client that disconnects mid-stream frees its row within a step (the replica's stats, read
+through a Serve handle) and leaves a 499 audit record."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sr_ray.serve.bench import free_port
+from sr_ray.serve.config import BatchingConfig, Limits, ScaleConfig, ServeConfig
+from tests.serve.conftest import constant_probe_bundle
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llava"
+
+
+@pytest.fixture(scope="module")
+def live(ray_session, tiny_llava, tmp_path_factory):
+    from ray import serve
+
+    from sr_ray.serve.app import start
+
+    tmp = tmp_path_factory.mktemp("continuous")
+    bundle = constant_probe_bundle(tiny_llava, tmp / "bundle", bias=10.0, interval=4)  # never flags
+    cfg = ServeConfig(
+        model=MODEL, bundle=str(bundle), app_name="sr_ray_continuous", port=free_port(),
+        audit_log=str(tmp / "audit.jsonl"),
+        model_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, target_ongoing_requests=2,
+                                     max_ongoing_requests=2, max_queued_requests=1),
+        ingress_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=0.1, max_ongoing_requests=64,
+                                       max_queued_requests=-1),
+        batching=BatchingConfig(max_batch_size=2),
+        limits=Limits(max_tokens=400, default_max_tokens=16, request_timeout_s=60))
+    url = start(cfg)
+    yield url, cfg
+    serve.delete(cfg.app_name)
+
+
+def chat(url: str, max_tokens: int, stream: bool = False, text: str = "Tell me a long story about a cat.") -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "stream": stream}
+
+
+def model_stats(cfg: ServeConfig) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("GuardedModel", app_name=cfg.app_name).stats.remote().result()
+
+
+def test_a_full_replica_queue_answers_503_with_retry_after(live):
+    url, cfg = live
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda i: httpx.post(url + "/v1/chat/completions", json=chat(url, 300),
+                                                       timeout=120), range(12)))
+    codes = sorted(r.status_code for r in responses)
+    busy = [r for r in responses if r.status_code == 503]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 3 and busy, codes  # 2 running + 1 queued at least
+    for r in busy:
+        assert r.headers["retry-after"].isdigit() and int(r.headers["retry-after"]) >= 1
+        assert "capacity" in r.json()["error"]["message"]
+    records = [json.loads(line) for line in Path(cfg.audit_log).read_text().splitlines()]
+    assert sum(rec.get("status") == 503 for rec in records) == len(busy)
+
+
+def test_a_disconnected_stream_leaves_the_batch(live):
+    url, cfg = live
+    before = model_stats(cfg)
+    with httpx.stream("POST", url + "/v1/chat/completions", json=chat(url, 400, stream=True), timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # text arrived: the row is decoding; now hang up
+    deadline, stats = time.monotonic() + 30, model_stats(cfg)
+    while (stats["cancelled"] == before["cancelled"] or stats["rows"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = model_stats(cfg)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["rows"] == 0
+    assert stats["steps"] - before["steps"] < 200  # far from the 400 tokens it asked for
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = [json.loads(line) for line in Path(cfg.audit_log).read_text().splitlines()]
+        if any(rec.get("status") == 499 for rec in records):
+            break
+        time.sleep(0.1)
+    assert any(rec.get("status") == 499 for rec in records)
