@@ -1,39 +1,99 @@
 """`sr-ray` command line. Each area owns its subcommands in `sr_ray/<area>/cli.py`.
 
-Every such module exposes `add_commands(sub, bench)`: `sub` is the top-level subparsers
-object, `bench` the subparsers of `sr-ray bench`. Each parser sets `func=<callable(args)>`.
+Every such module exposes `add_commands(sub, bench)`: `sub` is the top-level subparsers object, `bench` the
+subparsers of `sr-ray bench`. Each parser sets `func=<callable(args)>`.
+
+Importing an area's CLI module imports torch, transformers or Ray (seconds), so only the module of the
+command being run is imported; the others appear in `--help` from `COMMANDS` (kept in sync with the modules
+by tests/test_cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
+from importlib.metadata import version
 
-from sr_ray.runtime import quiet_third_party
+# command: (the module that defines it, its one-line help)
+COMMANDS = {
+    "generate": ("sr_ray.reminder.cli", "guarded generation on one prompt; prints the answer and the trace"),
+    "preprocess": ("sr_ray.data.cli", "benchmarks -> validated Parquet shards + manifest (Ray Data)"),
+    "data": ("sr_ray.data.cli", "inspect preprocessed data"),
+    "serve": ("sr_ray.serve.cli", "run the guarded OpenAI-compatible VLM endpoint on Ray Serve"),
+    "rollout": ("sr_ray.train.cli", "on-policy rollouts of the base VLM -> preference rows"),
+    "fit-probe": ("sr_ray.train.cli", "fit the harm probe (PCA-20 -> 4 -> LR), val AUC + ROC"),
+    "train": ("sr_ray.train.cli", "SAPT on Ray Train + DeepSpeed -> registered reminder bundle"),
+    "align": ("sr_ray.train.cli", "rebuild the embedded default's safety alignment (seeded LoRA SFT, PEFT)"),
+    "evaluate": ("sr_ray.eval.cli", "ASR / over-refusal of the systems on the benchmarks (Ray Data actor pool)"),
+    "attack": ("sr_ray.eval.cli", "craft PGD / adaptive-PGD images or GCG suffixes as an evaluation dataset"),
+    "report": ("sr_ray.eval.cli", "one self-contained HTML page (+ Markdown) for an evaluation run"),
+    "demo": ("sr_ray.demo", "preprocess -> rollout -> fit-probe -> train -> evaluate -> report"),
+}
+BENCH_HELP = "side-by-side benchmarks"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-COMMAND_MODULES = [
-    "sr_ray.reminder.cli",
-    "sr_ray.data.cli",
-    "sr_ray.serve.cli",
-    "sr_ray.train.cli",
-    "sr_ray.eval.cli",
-    "sr_ray.demo",
-]
 
-
-def build_parser() -> argparse.ArgumentParser:
+def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-ray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub, bench)
+    parser.add_argument("--version", action="version", version=f"sr-ray {version('sr_ray')}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="sr_ray's log level (default INFO)")
     return parser
 
 
+ALL_MODULES = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+
+
+def modules_for(command: str | None) -> list[str]:
+    """The CLI modules `command` needs: its own; every one for `bench` (each area adds benchmarks)."""
+    if command == "bench":
+        return ALL_MODULES
+    return [COMMANDS[command][0]] if command in COMMANDS else []
+
+
+def build_parser(modules: list[str] = ALL_MODULES) -> argparse.ArgumentParser:
+    """The parser with the commands of `modules` in full; the other commands are listed only."""
+    parser = _top_parser()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser("bench", help=BENCH_HELP).add_subparsers(dest="bench", required=True)
+    for name in modules:
+        importlib.import_module(name).add_commands(sub, bench)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (None for `--help` / `--version` alone)."""
+    pre = argparse.ArgumentParser(add_help=False)  # only the top-level option that takes a value
+    pre.add_argument("--log-level")
+    _, rest = pre.parse_known_args(argv)
+    return next((a for a in rest if not a.startswith("-")), None)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("sr_ray").setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sr_ray.config_types import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(modules_for(_command_of(argv)))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    from sr_ray.runtime import quiet_third_party
+
     quiet_third_party()
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:  # a usage error, found before any work started
+        parser.exit(2, f"sr-ray {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

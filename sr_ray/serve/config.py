@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
+
+from sr_ray.config_types import build, require
 
 
 @dataclass
@@ -22,8 +23,17 @@ class ScaleConfig:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
     num_cpus: float = 1.0
+    num_gpus: float = 0.0  # per replica; 1 on GPU nodes gives each model replica its own GPU (presets/*serve*)
     # Requests waiting at each caller for a replica slot; beyond it they get 503 + Retry-After (-1: no bound).
     max_queued_requests: int = 64
+
+    def __post_init__(self):
+        require(self.min_replicas >= 0, f"min_replicas must be >= 0, got {self.min_replicas}")
+        require(self.max_replicas >= max(1, self.min_replicas),
+                f"max_replicas must be >= 1 and >= min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        require(self.target_ongoing_requests > 0, f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
 
     def autoscaling_config(self) -> dict:
         return dict(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
@@ -128,6 +138,7 @@ class ServeConfig:
         return self.served_model_name or self.model
 
     def validate(self) -> "ServeConfig":
+        require(1 <= self.port <= 65535, f"port must be 1-65535, got {self.port}")
         if self.guard.enabled and not (self.bundle or self.probe):
             from sr_ray.reminder.shipped import default_bundle
 
@@ -166,37 +177,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _build(cls, data: dict, where: str):
-    """Construct dataclass `cls` from a dict, recursing into dataclass-typed fields; unknown keys fail."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where or 'config'}: unknown keys {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls, name))
-        if sub is list:
-            kwargs[name] = [_build(ApiKey, v, f"{where}{name}[{i}].") for i, v in enumerate(value or [])]
-        elif sub is not None:
-            kwargs[name] = _build(sub, value or {}, f"{where}{name}.")
-        elif isinstance(value, list) and name.endswith("_bounds"):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-_NESTED = {
-    (ServeConfig, "model_deployment"): ScaleConfig, (ServeConfig, "ingress_deployment"): ScaleConfig,
-    (ServeConfig, "batching"): BatchingConfig, (ServeConfig, "guard"): GuardPolicy,
-    (ServeConfig, "limits"): Limits, (ServeConfig, "images"): ImageFetchConfig, (ServeConfig, "api_keys"): list,
-}
-
-
 def config_from_dict(data: dict) -> ServeConfig:
-    return _build(ServeConfig, data, "")
+    """Every key checked against its field's type (nested sections too) before anything starts."""
+    return build(ServeConfig, data)
 
 
 def apply_override(data: dict, assignment: str) -> None:

@@ -27,7 +27,7 @@ def stage_config(command: str, args: argparse.Namespace):
     from sr_ray.train import config as config_module
 
     cls_name, section, _, _ = STAGES[command]
-    path = config_module.config_file(args.config)
+    path = config_module.config_file(args.config) if args.config else None  # "": the dataclass defaults
     overrides = {k: getattr(args, k) for k in ("model", "work_dir", "tracking_uri", "data_dir") if hasattr(args, k)}
     for key in ("num_workers", "epochs", "run_name"):
         overrides[key] = getattr(args, key, None)

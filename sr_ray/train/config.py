@@ -17,6 +17,8 @@ from typing import Literal
 
 import yaml
 
+from sr_ray.config_types import ConfigError, build, require
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,7 +51,7 @@ class RecordSelection:
 
     def __post_init__(self):
         if self.attack not in (None, "prefill"):
-            raise ValueError(f"selection {self.source}: attack must be null or prefill, got {self.attack!r}")
+            raise ConfigError(f"selection {self.source}: attack must be null or prefill, got {self.attack!r}")
 
     def cap(self, split: str) -> int | None:
         return getattr(self, split)
@@ -166,22 +168,13 @@ class SaptConfig(StageConfig):
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.threshold_range = tuple(self.threshold_range)
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
-
-
-def _build(cls, values: dict):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-    values = dict(values)
-    for key in ("harmful", "benign"):
-        if key in values and key in names:
-            values[key] = [s if isinstance(s, RecordSelection) else RecordSelection(**s) for s in values[key]]
-    return cls(**values)
+        for name in ("epochs", "batch_size", "num_workers", "k", "interval", "val_batch_size"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.cpus_per_worker >= 0, f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        require(self.batch_size % self.num_workers == 0,
+                f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
+        require(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
 
 
 def resolve_preset(name: str) -> Path:
@@ -200,11 +193,11 @@ def load_config(cls, path: str | Path | None = None, *, preset: str | None = Non
         data = yaml.safe_load(resolve_preset(preset).read_text()) or {}
         unknown = set(data) - {"model", "model_kwargs", "rollout", "fit_probe", "train"}
         if unknown:
-            raise ValueError(f"preset {preset}: unknown keys {sorted(unknown)}")
+            raise ConfigError(f"preset {preset}: unknown keys {sorted(unknown)}")
         values.update({k: data[k] for k in ("model", "model_kwargs") if k in data})
         values.update(data.get(section) or {})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return _build(cls, values)
+    return build(cls, values)
 
 
 def to_dict(cfg) -> dict:

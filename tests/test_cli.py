@@ -1,0 +1,87 @@
+"""`sr-ray`: the lazily built parser lists every command, `--version` / `--log-level`, and config values
+type-checked before anything starts (a usage error, exit 2, one line). The start-up time itself is a
+benchmark (benchmarks/cli_help.py), not a test."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from sr_ray import cli
+from sr_ray.config_types import ConfigError
+from sr_ray.train.cli import stage_config
+from sr_ray.train.config import SaptConfig, load_config
+
+
+def registered(module: str) -> dict[str, str]:
+    """command -> help of what `module.add_commands` registers."""
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    bench = sub.add_parser("bench").add_subparsers()
+    importlib.import_module(module).add_commands(sub, bench)
+    return {a.dest: a.help for a in sub._choices_actions if a.dest != "bench"}
+
+
+def test_command_table_matches_what_the_modules_register():
+    for module in cli.ALL_MODULES:
+        expected = {name: text for name, (owner, text) in cli.COMMANDS.items() if owner == module}
+        assert registered(module) == expected, module
+
+
+def test_help_lists_every_command_without_importing_the_areas():
+    code = ("import sys; from sr_ray.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m in ('torch', 'ray', 'transformers', 'mlflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+    assert all(name in out for name in cli.COMMANDS)
+
+
+def test_version_and_log_level(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sr-ray {version('sr_ray')}"
+    args = cli.build_parser(cli.modules_for("data")).parse_args(["--log-level", "debug", "data", "stats", "x"])
+    assert args.log_level == "DEBUG"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--log-level", "loud", "data", "stats", "x"])
+    assert exit_.value.code == 2
+
+
+def test_set_values_arrive_typed():
+    parser = cli.build_parser(cli.modules_for("train"))
+    cfg = stage_config("train", parser.parse_args(["train", "--config", "", "--set", "lr=2e-4", "--set", "epochs=3"]))
+    assert cfg.lr == 2e-4 and isinstance(cfg.lr, float) and cfg.epochs == 3  # YAML 1.1 reads 2e-4 as a string
+    cfg = load_config(SaptConfig, None, section="train", overrides={"betas": [0.8, 0.9], "harmful": None})
+    assert cfg.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "", "--set", "lr=abc"], "lr: expected float, got 'abc' (str)"),
+    (["train", "--config", "", "--set", "epochs=ten"], "epochs: expected int, got 'ten' (str)"),
+    (["train", "--config", "", "--set", "epochs=0"], "epochs must be >= 1"),
+    (["train", "--config", "", "--set", "bundle_from=worst"], "bundle_from: expected one of ['best', 'last']"),
+    (["rollout", "--config", "", "--set", "harmful=[{source: advbench, train: many}]"], "harmful[0].train: expected int"),
+    (["serve", "--no-guard", "--set", "port=abc"], "port: expected int, got 'abc' (str)"),
+    (["serve", "--no-guard", "--set", "model_deployment.max_replicas=-3"], "model_deployment.max_replicas must be >= 1"),
+    (["serve", "--no-guard", "--port", "70000"], "port must be 1-65535"),
+])
+def test_bad_config_values_are_usage_errors_before_anything_starts(argv, message, capsys):
+    import ray
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not ray.is_initialized()
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)  # library callers that catch ValueError keep working
