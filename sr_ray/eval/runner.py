@@ -60,6 +60,7 @@ class EvaluateConfig:
     threshold: float | None = None  # None: the bundle's
     batch_size: int = 8
     concurrency: int = 2  # inference actors (each one torch thread)
+    gpus_per_actor: float = 0.0  # 1 on GPU nodes: Ray gives each inference actor its own GPU
     awareness: AwarenessConfig = field(default_factory=AwarenessConfig)  # limit 0 skips the analysis
     probe_roc: str | None = None  # the probe's ROC plot (saved by probe fitting), shown in the report
     tracking_uri: str | None = None
@@ -137,7 +138,7 @@ def write_results(frame: pd.DataFrame, out: Path) -> dict:
     metrics_table(metrics).to_csv(out / "metrics.csv", index=False)
     categories = category_metrics(frame)
     categories.to_csv(out / "metrics_by_category.csv", index=False)
-    keep = ["key", "benchmark", "category", "label", "system", "question", "prompt", "response", "full_text",
+    keep = ["key", "benchmark", "category", "label", "system", "question", "prompt", "attack", "answer_prefix", "response", "full_text",
             "judged_continuation", "verdict_full", "verdict_continuation", "refusal", "changed", "flagged",
             "flagged_at", "tokens_before_flag", "n_tokens", "latency_s", "checks"]
     frame[keep].to_json(out / "responses.jsonl", orient="records", lines=True, force_ascii=False)
@@ -177,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     _phase("preparing data", started)
     rows, processed = collect_rows(cfg, out)
     _phase(f"{len(rows)} rows x {len(cfg.systems)} systems: generating", started)
-    inference = dict(batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+    inference = dict(batch_size=cfg.batch_size, concurrency=cfg.concurrency, gpus_per_actor=cfg.gpus_per_actor)
     frame = run_inference(rows, InferenceConfig(
         model=cfg.model, bundle=bundle_dir, systems=tuple(cfg.systems), max_new_tokens=cfg.max_new_tokens,
         reminder_max_new_tokens=cfg.reminder_max_new_tokens, interval=cfg.interval, threshold=cfg.threshold, **inference,

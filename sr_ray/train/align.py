@@ -173,7 +173,6 @@ def run_align(cfg: AlignConfig) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from sr_ray.data import default_data_dir
-    from sr_ray.reminder.artifacts import sha256_file
 
     started = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
@@ -190,16 +189,21 @@ def run_align(cfg: AlignConfig) -> Path:
     examples = [dict(prompt=r["prompt"], answer=refusal_rng.choice(cfg.refusals), ended=True) for r in harmful]
     examples += [dict(prompt=r["prompt"], answer=a, ended=ended) for r, (a, ended) in zip(benign, answers)]
     model, losses = train_adapter(cfg, lm, tokenizer, examples)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
     info = dict(
         base=LM_DIR_NAME, config=asdict(cfg) | {"data_dir": str(data_dir)}, examples=len(examples),
         harmful=len(harmful), harmless=len(benign), harmless_cut_answers=sum(not e for _, e in answers),
         losses=losses, seconds=round(time.perf_counter() - started, 1), commit=_git_commit(),
-        command="sr-ray align --data-dir DATA_DIR --out " + cfg.out, argv=sys.argv[1:],
-        data=provenance, files={p.name: sha256_file(p) for p in sorted(out.iterdir())
-                                if p.suffix in (".safetensors",) or p.name == "adapter_config.json"},
+        command="sr-ray align --data-dir DATA_DIR --out " + cfg.out, argv=sys.argv[1:], data=provenance,
     )
-    (out / "alignment.json").write_text(json.dumps(info, indent=1) + "\n")
+    return save_adapter(model, Path(cfg.out), info)
+
+
+def save_adapter(model, out: Path, info: dict) -> Path:
+    """The PEFT adapter (safetensors + adapter_config.json) and `alignment.json` pinning both files' sha256."""
+    from sr_ray.reminder.artifacts import sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    files = {name: sha256_file(out / name) for name in ("adapter_model.safetensors", "adapter_config.json")}
+    (out / "alignment.json").write_text(json.dumps(info | {"files": files}, indent=1) + "\n")
     return out

@@ -53,7 +53,7 @@ def to_preferences(answers: pd.DataFrame, refusals: list[str], seed: int) -> pd.
     out["chosen_ended"] = [not safe or reason == "stop" for safe, reason in zip(out["safe"], out["finish_reason"])]
     out["origin"] = "rollout"
     out["base_refusal"] = [judge.is_refusal(a) for a in out["response"]]
-    return out[PREFERENCE_COLUMNS + ["response", "base_refusal"]]
+    return out[PREFERENCE_COLUMNS + ["response", "finish_reason", "base_refusal"]]
 
 
 def run_rollout(cfg: RolloutConfig) -> Path:
@@ -66,7 +66,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     requests = rollout_requests(cfg)
     infer = InferenceConfig(model=cfg.model, systems=("undefended",), max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.batch_size, concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,
-                            model_kwargs=cfg.model_kwargs)
+                            gpus_per_actor=cfg.gpus_per_actor, model_kwargs=cfg.model_kwargs)
     answers = run_inference(requests, infer)
     # Images are not passed through inference outputs: join them back by id.
     answers = answers.drop(columns="image", errors="ignore").merge(requests[["id", "image"]], on="id", how="left")

@@ -73,11 +73,13 @@ def pgd_attack_dir(processed_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_run(ray_session, tiny_bundle, processed_dir, pgd_attack_dir, tmp_path_factory):
-    """One full `evaluate` on tiny-llava: all four systems, the demo benchmarks, the PGD dataset, awareness."""
+    """One full `evaluate` on tiny-llava: all four systems, the demo benchmarks with their prefill and PGD
+    variants, the PGD dataset, awareness."""
     from sr_ray.eval.runner import EvaluateConfig, evaluate
 
     out = tmp_path_factory.mktemp("eval_run")
     cfg = EvaluateConfig(out=str(out), bundle=str(tiny_bundle), processed_dir=str(processed_dir), model="tiny-llava",
                          limit=2, max_new_tokens=12, reminder_max_new_tokens=8, attack_dirs=[str(pgd_attack_dir)],
+                         attacks=["prefill", f"pgd={pgd_attack_dir}"],
                          awareness=dict(limit=2, max_new_tokens=12), concurrency=1)
     return out, evaluate(cfg)

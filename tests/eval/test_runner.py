@@ -13,6 +13,7 @@ from sr_ray.cli import build_parser
 from sr_ray.eval.cli import attack_config, evaluate_config
 from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
 from sr_ray.eval.judges import RuleJudge
+from sr_ray.data.prefill import PREFILL_GENERIC
 from sr_ray.eval.runner import EvaluateConfig
 from sr_ray.infer import SYSTEMS
 from sr_ray.train.config import REPO_ROOT
@@ -28,14 +29,36 @@ def test_metrics_json_contract(eval_run):
     assert list(metrics) == list(SYSTEMS)
     for system, benches in metrics.items():
         # demo data: no MM-SafetyBench, VLSafe or MM-Vet there, so those benchmarks are left out
-        assert list(benches) == ["figstep", "advbench", "advbench_pgd", "harmless"]
+        assert list(benches) == ["figstep", "figstep+pgd", "figstep+prefill", "advbench", "advbench+pgd",
+                                 "advbench+prefill", "advbench_pgd", "harmless"]
         for bench, m in benches.items():
             assert set(CONTRACT) <= set(m) and m["n"] == 2
             harmful = bench != "harmless"
             assert (m["asr_full"] is not None) == harmful and (m["asr_continuation"] is not None) == harmful
         assert system != "undefended" or all(m["changed_vs_undefended"] == 0 for m in benches.values())
     table = pd.read_csv(run / "metrics.csv")
-    assert len(table) == 4 * 4 and set(CONTRACT) <= set(table.columns)
+    assert len(table) == 4 * 8 and set(CONTRACT) <= set(table.columns)
+
+
+def test_attack_variants_are_the_plain_rows_attacked(eval_run, pgd_attack_dir):
+    run, _ = eval_run
+    resp = pd.read_json(run / "responses.jsonl", lines=True)
+    resp = resp[resp["system"] == "undefended"].set_index("key")
+    advbench = pd.read_csv(REPO_ROOT / "sr_ray/demo_data/AdvBench/harmful_behaviors.csv").set_index("goal")["target"]
+    for bench in ("figstep", "advbench"):
+        plain = resp[resp["benchmark"] == bench]
+        for name in ("prefill", "pgd"):
+            attacked = resp[resp["benchmark"] == f"{bench}+{name}"]
+            # the same questions, each once, with the attack on top
+            assert sorted(attacked["question"]) == sorted(plain["question"]) and (attacked["attack"] == name).all()
+        prefills = resp[resp["benchmark"] == f"{bench}+prefill"]
+        expected = [advbench[q] if bench == "advbench" else PREFILL_GENERIC for q in prefills["question"]]
+        assert list(prefills["answer_prefix"]) == expected
+        assert (plain["answer_prefix"] == "").all()
+    # a prefilled answer continues the prefill: the model's text differs from its plain answer
+    prefilled = resp[resp["benchmark"] == "advbench+prefill"]
+    plain = resp[resp["benchmark"] == "advbench"].set_index("question")["response"]
+    assert any(r != plain[q] for q, r in zip(prefilled["question"], prefilled["response"]))
 
 
 def test_metrics_agree_with_the_saved_generations(eval_run):

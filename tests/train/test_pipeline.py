@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sr_ray.data.prefill import PREFILL_GENERIC
 from sr_ray.train.config import OFFICIAL_REJECTED, ProbeFitConfig, RecordSelection, RolloutConfig, SaptConfig
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def pipeline(ray_session, tmp_path_factory):
                                     sources=["harmful_harmless"], executor="loop", progress=False))
     common = dict(work_dir=str(work), model=MODEL)
     rollout = run_rollout(RolloutConfig(
-        **common, harmful=[RecordSelection("harmful_harmless", train=8, val=2)],
+        **common, harmful=[RecordSelection("harmful_harmless", train=8, val=2, attack="prefill")],
         benign=[RecordSelection("harmful_harmless", train=8, val=2)], refusals=REFUSALS, max_new_tokens=12,
         batch_size=4, concurrency=1))
     probe_dir, probe_metrics = run_fit_probe(ProbeFitConfig(
@@ -96,8 +97,13 @@ def test_rollout_keeps_the_models_own_answers(pipeline):
     assert len(prefs) == 20 and set(prefs["split"]) == {"train", "val"}
     harmful, benign = prefs[~prefs["safe"]], prefs[prefs["safe"]]
     assert len(harmful) == len(benign) == 10
-    assert (harmful["rejected"] == harmful["response"]).all() and harmful["chosen"].isin(REFUSALS).all()
+    # harmful rows were rolled out under the prefill attack: the rejected answer is the prefill + the model's text
+    assert (harmful["attack_prefix"] == PREFILL_GENERIC).all() and (benign["attack_prefix"] == "").all()
+    assert (harmful["rejected"] == PREFILL_GENERIC + " " + harmful["response"]).all()
+    assert harmful["chosen"].isin(REFUSALS).all() and harmful["chosen_ended"].all()
     assert (benign["chosen"] == benign["response"]).all() and (benign["rejected"] == OFFICIAL_REJECTED).all()
+    # a benign answer the 12-token budget cut is marked, so SAPT appends no end-of-turn to it
+    assert (benign["chosen_ended"] == (benign["finish_reason"] == "stop")).all() and not benign["chosen_ended"].all()
     assert prefs["response"].str.len().gt(0).all()  # the random tiny model still says something
 
 

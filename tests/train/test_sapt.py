@@ -78,6 +78,11 @@ def test_targets_end_with_eos_unless_cut(tiny_vlm):
     second = ids[1][mask[1].bool()].tolist()
     assert len(second) == 30 and eos_token_id(vlm) not in second  # cut: the answer does not end there
     assert vlm.tokenizer.decode(second).startswith(" is a long guide")  # continues the prefix after a space
+    # a short answer that the rollout's budget cut (chosen_ended False) fits but still gets no end-of-turn
+    cut = SaptExample(Prompt("hi"), "The capital of France is", True, ended=False)
+    ids, mask = target_ids(vlm, [cut, examples[0]], max_tokens=30)
+    third = ids[0][mask[0].bool()].tolist()
+    assert eos_token_id(vlm) not in third and vlm.tokenizer.decode(third) == "The capital of France is"
 
 
 def test_build_example_uses_rejected_prefix_for_harmful_and_own_answer_for_benign():
@@ -89,6 +94,8 @@ def test_build_example_uses_rejected_prefix_for_harmful_and_own_answer_for_benig
         prefix, target = benign.prompt.answer_prefix, benign.target
         assert " ".join(p for p in (prefix, target) if p) == ROWS[1]["chosen"] and benign.safe
         assert benign.prompt.image is not None
+        assert benign.ended and harmful.ended  # rows without chosen_ended (official files) ended on their own
+    assert not build_example({**ROWS[1], "chosen_ended": False}, random.Random(0)).ended
 
 
 def test_loss_falls_on_a_fixed_batch_and_only_the_soft_prompt_moves(tiny_vlm):
