@@ -56,11 +56,27 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from sr_ray.serve.bench import ServeBenchConfig, run_serve_bench, write_result
 
-    cfg = ServeBenchConfig(model=args.model, bundle=args.bundle, requests=args.requests, rounds=args.rounds,
+    if args.workload == "mixed":
+        return _bench_mixed(args)
+    cfg = ServeBenchConfig(model=args.model, bundle=args.bundle, requests=args.requests or 32, rounds=args.rounds,
                            concurrency=args.concurrency, max_tokens=args.max_tokens)
     result = run_serve_bench(cfg)
     write_result(result, args.out)
     keys = ("rps_guarded", "rps_plain", "ratio", "p50_ms", "p99_ms", "ttft_p50_ms", "errors")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0 if result["errors"] == 0 else 1
+
+
+def _bench_mixed(args: argparse.Namespace) -> int:
+    from sr_ray.serve.bench import write_result
+    from sr_ray.serve.bench_mixed import MixedBenchConfig, run_mixed_bench
+
+    cfg = MixedBenchConfig(model=args.model, bundle=args.bundle, rate_rps=args.rate, seed=args.seed,
+                           **({"requests": args.requests} if args.requests else {}))
+    result = run_mixed_bench(cfg)
+    write_result(result, args.out)
+    keys = ("rps_static", "rps_continuous", "ratio_throughput", "p50_short_ms_static", "p50_short_ms_continuous",
+            "ratio_short_latency", "cpu_s_after_disconnect", "cpu_s_full_answer", "ratio_guarded_plain", "errors")
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0 if result["errors"] == 0 else 1
 
@@ -71,10 +87,14 @@ def add_commands(sub, bench) -> None:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=_serve)
 
-    b = bench.add_parser("serve", help="guarded vs plain throughput/latency through the same Serve app")
+    b = bench.add_parser("serve", help="guarded vs plain throughput/latency through the same Serve app; "
+                                       "--workload mixed: static batcher vs continuous scheduler, open loop")
+    b.add_argument("--workload", choices=["guard", "mixed"], default="guard")
     b.add_argument("--model", default="smol-llava")
     b.add_argument("--bundle", help="reminder bundle dir (default: fresh soft prompt + never-flag probe)")
-    b.add_argument("--requests", type=int, default=32, help="requests per mode per round")
+    b.add_argument("--requests", type=int, help="guard: requests per mode per round (32); mixed: arrivals (40)")
+    b.add_argument("--rate", type=float, default=1.0, help="mixed: arrivals per second")
+    b.add_argument("--seed", type=int, default=0, help="mixed: the workload's seed")
     b.add_argument("--rounds", type=int, default=2)
     b.add_argument("--concurrency", type=int, default=8)
     b.add_argument("--max-tokens", type=int, default=64)
