@@ -130,6 +130,25 @@ def _summary(phases: list[dict]) -> dict:
                 wall_s=round(wall, 2), error_samples=[e for p in phases for e in p["errors"]][:3])
 
 
+def bench_app(model: str, bundle: str, tmp: Path, key: str, max_batch_size: int, num_cpus: float, max_tokens: int,
+              scheduler: str = "continuous", port: int | None = None, app_name: str = "sr_ray_bench") -> ServeConfig:
+    """The benchmarked app: one model replica (autoscaling would blur a comparison), no queue bound."""
+    serve_cfg = ServeConfig(
+        model=model, bundle=bundle, app_name=app_name, port=port or free_port(),
+        route_prefix="/bench", audit_log=str(tmp / f"audit_{app_name}.jsonl"),
+        api_keys=[ApiKey("bench-admin", hashlib.sha256(key.encode()).hexdigest(), admin=True)],
+        model_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=num_cpus,
+                                     target_ongoing_requests=max_batch_size, max_ongoing_requests=4 * max_batch_size,
+                                     max_queued_requests=-1),
+        ingress_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=0.1, max_ongoing_requests=256,
+                                       max_queued_requests=-1))
+    serve_cfg.batching.max_batch_size = max_batch_size
+    serve_cfg.batching.scheduler = scheduler
+    serve_cfg.limits.max_tokens = max(serve_cfg.limits.max_tokens, max_tokens)
+    serve_cfg.limits.request_timeout_s = 600
+    return serve_cfg
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     import ray
     from ray import serve
@@ -140,28 +159,12 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="sr_ray_bench_serve_") as tmp:
         bundle = cfg.bundle or str(_never_flag_bundle(cfg.model, Path(tmp) / "bundle"))
-        serve_cfg = ServeConfig(
-            model=cfg.model, bundle=bundle, app_name="sr_ray_bench", port=cfg.port or free_port(),
-            route_prefix="/bench", audit_log=str(Path(tmp) / "audit.jsonl"),
-            api_keys=[ApiKey("bench-admin", hashlib.sha256(key.encode()).hexdigest(), admin=True)],
-            model_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=cfg.num_cpus,
-                                         target_ongoing_requests=cfg.max_batch_size,
-                                         max_ongoing_requests=4 * cfg.max_batch_size),
-            ingress_deployment=ScaleConfig(min_replicas=1, max_replicas=1, num_cpus=0.1, max_ongoing_requests=256))
-        serve_cfg.batching.max_batch_size = cfg.max_batch_size
-        serve_cfg.limits.max_tokens = max(serve_cfg.limits.max_tokens, cfg.max_tokens)
+        serve_cfg = bench_app(cfg.model, bundle, Path(tmp), key, cfg.max_batch_size, cfg.num_cpus, cfg.max_tokens,
+                              port=cfg.port)
         base_url = start(serve_cfg)
         try:
-            modes = {"guarded": None, "plain": {"enabled": False}}
-            warm = ServeBenchConfig(**{**asdict(cfg), "requests": 2, "concurrency": 2})  # one text, one image
-            for safety in modes.values():
-                asyncio.run(_phase(base_url, key, warm, safety))
-            runs = {name: [] for name in modes}
-            load_before = os.getloadavg()[0]
-            for r in range(cfg.rounds):
-                for name in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
-                    runs[name].append(asyncio.run(_phase(base_url, key, cfg, modes[name])))
-            load_after = os.getloadavg()[0]
+            runs = guarded_vs_plain(base_url, key, cfg)
+            load_before, load_after = runs.pop("load")
         finally:
             serve.delete(serve_cfg.app_name)
             if started_ray:
@@ -180,6 +183,20 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         machine=dict(cpus=os.cpu_count(), load_avg_1m_before=round(load_before, 1),
                      load_avg_1m_after=round(load_after, 1)))
     return result
+
+
+def guarded_vs_plain(base_url: str, key: str, cfg: ServeBenchConfig) -> dict:
+    """Closed-loop rounds of guarded and plain requests, alternating which goes first; the phases per mode."""
+    modes = {"guarded": None, "plain": {"enabled": False}}
+    warm = ServeBenchConfig(**{**asdict(cfg), "requests": 2, "concurrency": 2})  # one text, one image
+    for safety in modes.values():
+        asyncio.run(_phase(base_url, key, warm, safety))
+    runs = {name: [] for name in modes}
+    load_before = os.getloadavg()[0]
+    for r in range(cfg.rounds):
+        for name in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+            runs[name].append(asyncio.run(_phase(base_url, key, cfg, modes[name])))
+    return {**runs, "load": (load_before, os.getloadavg()[0])}
 
 
 def write_result(result: dict, out: str | Path) -> None:

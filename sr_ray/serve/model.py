@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -87,6 +88,7 @@ class GuardedModel:
                 prefill_chunk_tokens=b.prefill_chunk_tokens, stuck_after_s=b.stuck_after_s)).start()
         else:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr_ray_model")
+            self._static_batches = 0
             self._batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
                                         max_concurrent_batches=b.max_concurrent_batches)(self._decode_batch)
 
@@ -96,8 +98,11 @@ class GuardedModel:
             self.scheduler.check()
 
     def stats(self) -> dict:
-        """The scheduler's counters (requests finished/cancelled, decode steps, largest batch)."""
-        return dataclasses.asdict(self.scheduler.stats) | {"rows": self.scheduler.rows} if self.scheduler else {}
+        """This process's CPU seconds, and the batcher's counters: the scheduler's (requests finished/cancelled,
+        decode steps, largest batch, rows decoding now) or the static batcher's batches decoding now."""
+        if self.scheduler is None:
+            return {"cpu_s": time.process_time(), "batches": self._static_batches}
+        return {"cpu_s": time.process_time(), "rows": self.scheduler.rows, **dataclasses.asdict(self.scheduler.stats)}
 
     def __del__(self):
         if getattr(self, "scheduler", None) is not None:
@@ -202,8 +207,12 @@ class GuardedModel:
                     out[event.row] = releasers[event.row].feed(event)
             return out
 
-        while (out := await self._on_worker(step)) is not None:
-            yield out
+        self._static_batches += 1
+        try:
+            while (out := await self._on_worker(step)) is not None:
+                yield out
+        finally:
+            self._static_batches -= 1
 
 
 async def _drain(results) -> None:
