@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sr_ray.reminder.shipped import default_bundle
 from sr_ray.train.config import REPO_ROOT
 
 EXPERIMENT = "sr-ray-demo"
@@ -23,8 +24,11 @@ class DemoConfig:
     out: str = "runs/demo"
     data_dir: str | None = None  # None: $SR_RAY_DATA_DIR, ../shared/data, else the vendored demo data
     model: str = "smol-llava"
-    eval_limit: int | None = None  # rows per benchmark; None: configs/evaluate.yaml's
-    systems: tuple[str, ...] = ("undefended", "self_reminder", "safety_reminder", "safety_reminder_official")
+    # rows per benchmark (15 keys with the prefill variants, 5 system passes with the shipped bundle's): sized for
+    # the 20-minute budget; None: configs/evaluate.yaml's
+    eval_limit: int | None = 6
+    # The shipped bundle's SafetyReminder is added as `safety_reminder_shipped` (a second, smaller evaluation).
+    systems: tuple[str, ...] = ("undefended", "self_reminder", "safety_reminder")
     num_cpus: int = 4  # logical CPUs for the local Ray (oversubscribed: Data actors + 2 train workers)
 
 
@@ -70,7 +74,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
     ensure_ray(cfg.num_cpus, dashboard=True)
 
-    stages = _Stages(6)
+    stages = _Stages(7 if default_bundle(cfg.model) else 6)
     pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(
         data_dir=str(data_dir), out_dir=str(out / "data"))
     manifest = stages.run("preprocess", lambda: run_preprocess(PreprocessConfig(**pre)))
@@ -92,6 +96,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     ray.data.DataContext.get_current().enable_progress_bars = True  # training turns them off
     metrics = stages.run("evaluate", lambda: evaluate(eval_cfg))
+    shipped = default_bundle(cfg.model)
+    if shipped:  # the shipped, fully trained bundle on the same rows, beside the demo's minutes-old one
+        metrics = stages.run("evaluate shipped bundle", lambda: with_shipped(metrics, eval_cfg, shipped, out))
     html, _ = stages.run("report", lambda: write_report(out / "eval", out / "report.html"))
     summary = dict(
         out=str(out), bundle=str(bundle), model_version=version, sapt_run_id=run_id, report=str(html),
@@ -103,6 +110,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n" + asr_table(metrics))
     print(closing_message(summary, cfg.model))
     return summary
+
+
+def with_shipped(metrics: dict, eval_cfg, shipped: str, out: Path) -> dict:
+    """`metrics` plus the shipped bundle's SafetyReminder as `safety_reminder_shipped` (also in metrics.json)."""
+    from dataclasses import replace
+
+    from sr_ray.eval.runner import evaluate
+
+    other = evaluate(replace(eval_cfg, out=str(out / "eval_shipped"), bundle=shipped, systems=["undefended", "safety_reminder"],
+                             awareness=replace(eval_cfg.awareness, limit=0), processed_dir=str(out / "data")))
+    metrics = metrics | {"safety_reminder_shipped": other["safety_reminder"]}
+    (out / "eval" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def require_probe_sources(manifest: dict, probe_cfg, data_dir: Path) -> None:
@@ -149,7 +169,7 @@ def add_commands(sub, bench) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir", help="data laid out like shared/data (default: ../shared/data or the demo data)")
     p.add_argument("--model", default="smol-llava")
-    p.add_argument("--eval-limit", type=int, help="rows per benchmark (default: configs/evaluate.yaml)")
+    p.add_argument("--eval-limit", type=int, default=DemoConfig.eval_limit, help="rows per benchmark (default 6)")
     p.set_defaults(func=_cmd_demo)
 
 

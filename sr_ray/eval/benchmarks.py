@@ -35,12 +35,14 @@ BENCHMARKS: dict[str, Benchmark] = {b.key: b for b in (
     Benchmark("mmsafetybench_text", "mmsafetybench", "text", "harmful"),
     Benchmark("vlsafe", "vlsafe", "text", "harmful"),
     Benchmark("advbench", "advbench", "text", "harmful"),
+    Benchmark("harmful", "harmful_harmless", "text", "harmful"),  # direct asks: refusal_direction harmful_test
     Benchmark("mmvet", "mmvet", "image", "benign"),
     Benchmark("harmless", "harmful_harmless", "text", "benign"),
+    Benchmark("alpacaeval", "alpacaeval", "text", "benign"),
 )}
 # Report order; attack datasets (advbench_pgd, advbench_pgd_adaptive, advbench_gcg) come from `sr-ray attack`.
 BENCHMARK_ORDER = ("figstep", "mmsafetybench_typo", "mmsafetybench_text", "vlsafe", "advbench", "advbench_pgd",
-                   "advbench_pgd_adaptive", "advbench_gcg", "mmvet", "harmless")
+                   "advbench_pgd_adaptive", "advbench_gcg", "harmful", "mmvet", "harmless", "alpacaeval")
 MODELS_READING_TYPOGRAPHY_BADLY = ("smol-llava", "smol-llava-unaligned")
 
 

@@ -30,14 +30,15 @@ def test_metrics_json_contract(eval_run):
     for system, benches in metrics.items():
         # demo data: no MM-SafetyBench, VLSafe or MM-Vet there, so those benchmarks are left out
         assert list(benches) == ["figstep", "figstep+pgd", "figstep+prefill", "advbench", "advbench+pgd",
-                                 "advbench+prefill", "advbench_pgd", "harmless"]
+                                 "advbench+prefill", "advbench_pgd", "harmful", "harmful+pgd", "harmful+prefill",
+                                 "harmless"]
         for bench, m in benches.items():
             assert set(CONTRACT) <= set(m) and m["n"] == 2
-            harmful = bench != "harmless"
+            harmful = bench != "harmless"  # "harmful": the direct asks of refusal_direction's harmful test split
             assert (m["asr_full"] is not None) == harmful and (m["asr_continuation"] is not None) == harmful
         assert system != "undefended" or all(m["changed_vs_undefended"] == 0 for m in benches.values())
     table = pd.read_csv(run / "metrics.csv")
-    assert len(table) == 4 * 8 and set(CONTRACT) <= set(table.columns)
+    assert len(table) == 4 * 11 and set(CONTRACT) <= set(table.columns)
 
 
 def test_attack_variants_are_the_plain_rows_attacked(eval_run, pgd_attack_dir):
