@@ -81,6 +81,16 @@ def _bench_mixed(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 else 1
 
 
+def _bench_memory(args: argparse.Namespace) -> int:
+    from sr_ray.serve.bench import write_result
+    from sr_ray.serve.membench import run_memory_bench
+
+    result = run_memory_bench(args.concurrency)
+    write_result(result, args.out)
+    print(json.dumps({"worst_ratio_with_budgets": result["worst_ratio_with_budgets"]}))
+    return 0
+
+
 def add_commands(sub, bench) -> None:
     p = sub.add_parser("serve", help="run the guarded OpenAI-compatible VLM endpoint on Ray Serve")
     add_config_args(p)
@@ -100,3 +110,8 @@ def add_commands(sub, bench) -> None:
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--out", required=True, help="result JSON")
     b.set_defaults(func=_bench)
+
+    m = bench.add_parser("ingress-memory", help="ingress peak RSS under concurrent maximal-image requests vs idle")
+    m.add_argument("--concurrency", type=int, default=16)
+    m.add_argument("--out", required=True, help="result JSON")
+    m.set_defaults(func=_bench_memory)

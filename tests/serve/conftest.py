@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sr_ray.serve.membench import png_bomb  # noqa: F401 (re-exported for the tests)
+
 
 def constant_probe_bundle(vlm, directory, bias: float, interval: int = 4):
     """A bundle whose probe ignores the hidden state: P(safe) = sigmoid(bias) at every check."""
@@ -28,23 +30,10 @@ def png_bytes(size=(24, 24), color="red", fmt="PNG") -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height but carries almost no data (a decompression-bomb header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
-
-
-def png_bomb(width: int, height: int, bit_depth: int = 16, color_type: int = 6) -> bytes:
-    """A complete, valid PNG of one flat colour: tiny on the wire, width x height pixels when decoded
-    (16-bit RGBA 4096 x 4096: ~130 kB -> 64 MiB in Pillow's RGBA, ~340 MB while normalising)."""
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
-    row = b"\0" + b"\x7f" * (width * channels * bit_depth // 8)
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

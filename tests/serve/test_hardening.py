@@ -200,3 +200,14 @@ def test_serve_cli_refuses_bad_bundles_and_configs_before_ray(cli, bundle, tmp_p
     code, err = cli("--bundle", str(bundle), "--host", "0.0.0.0")
     assert code == 2 and "no api_keys" in err
     assert cli("--no-guard")[0] == "ray" and cli("--bundle", str(bundle))[0] == "ray"  # valid: on to Ray
+
+
+def test_ingress_memory_bench_measures_both_modes():
+    from sr_ray.serve.membench import run_memory_bench
+
+    result = run_memory_bench(concurrency=2, payloads=("pixels",))
+    budgets, unbounded = result["cases"]["pixels/budgets"], result["cases"]["pixels/no_budgets"]
+    for case in (budgets, unbounded):
+        assert case["idle_mb"] > 0 and case["peak_mb"] >= case["idle_mb"] and case["health_after"] == 200
+        assert sum(case["statuses"].values()) == 2 and set(case["statuses"]) <= {200, 503}
+    assert result["worst_ratio_with_budgets"] == budgets["ratio"]
