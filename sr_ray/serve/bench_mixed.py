@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sr_ray.serve.bench import (
-    ServeBenchConfig, _messages, _never_flag_bundle, _summary, bench_app, guarded_vs_plain,
+    ServeBenchConfig, _messages, _never_flag_bundle, _summary, bench_app, free_port, guarded_vs_plain,
 )
 
 SHORT_MAX_TOKENS = 32
@@ -138,7 +138,7 @@ def run_mixed_bench(cfg: MixedBenchConfig) -> dict:
     from sr_ray.serve.app import start
 
     started_ray = not ray.is_initialized()
-    key, reqs = secrets.token_urlsafe(24), workload(cfg)
+    key, reqs, port = secrets.token_urlsafe(24), workload(cfg), free_port()  # one Serve proxy for both apps
     modes, probes = {}, {}
     with tempfile.TemporaryDirectory(prefix="sr_ray_bench_mixed_") as tmp:
         bundle = cfg.bundle or str(_never_flag_bundle(cfg.model, Path(tmp) / "bundle"))
@@ -146,7 +146,8 @@ def run_mixed_bench(cfg: MixedBenchConfig) -> dict:
         try:
             for scheduler in ("static", "continuous"):
                 serve_cfg = bench_app(cfg.model, bundle, Path(tmp), key, cfg.max_batch_size, cfg.num_cpus,
-                                      cfg.max_tokens, scheduler=scheduler, app_name=f"sr_ray_bench_{scheduler}")
+                                      cfg.max_tokens, scheduler=scheduler, port=port,
+                                      app_name=f"sr_ray_bench_{scheduler}")
                 base_url = start(serve_cfg)
                 warm = [dict(r, at=0.0, hang_up=False, max_tokens=16) for r in reqs[:2]]
                 asyncio.run(_open_loop(base_url, key, cfg.model, warm))
