@@ -36,6 +36,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--concurrency", type=int, help="inference actors")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (1 on a GPU cluster)")
     p.add_argument("--awareness-limit", type=int, help="answers per label for the delayed-awareness analysis (0: skip)")
     p.add_argument("--awareness-max-new-tokens", type=int)
     p.add_argument("--probe-roc", help="the probe's ROC PNG to include in the report")

@@ -107,7 +107,7 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
     """The app. `proxy_sets_request_id`: behind Serve's proxy, which adds its own x-request-id header."""
     app = FastAPI(title="sr_ray guarded VLM", version="0.1.0", docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat completions guarded by SafetyReminder (see docs/api.md)")
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(cfg.reminder_version)
     audit = AuditLog(cfg.audit_log, cfg.audit_max_bytes, cfg.audit_backups, cfg.audit_max_field_chars)
     limits = cfg.limits
     image_policy = ImagePolicy(limits.max_image_bytes, limits.max_image_pixels, limits.max_image_side,
@@ -172,7 +172,7 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                                   "description": "the completion, or SSE chunks with stream=true"}})
     async def chat(body: ChatCompletionRequest, request: Request):
-        call = Call(body, request, metrics, generate, retry_on, limits.request_timeout_s)
+        call = Call(body, request, metrics, generate, retry_on, limits.request_timeout_s, cfg.reminder_version)
         try:
             job = await asyncio.wait_for(build_job(body, call.principal), call.remaining())
             await call.admit(job)
@@ -223,13 +223,14 @@ class Call:
     """
 
     def __init__(self, body: ChatCompletionRequest, request: Request, metrics: ServeMetrics, generate: Generate,
-                 retry_on: tuple[type[BaseException], ...], timeout_s: float):
+                 retry_on: tuple[type[BaseException], ...], timeout_s: float, model_version: str | None = None):
         self.body, self.scope, self.principal, self.metrics = body, request.scope, request.state.principal, metrics
+        self.model_version = model_version
         self.generate, self.retry_on = generate, retry_on
         self.t0 = time.perf_counter()
         self.deadline = asyncio.get_running_loop().time() + timeout_s  # image fetch and decode count too
         self.request_id = request.state.record["request_id"]
-        note(self.scope, model=body.model, stream=body.stream)
+        note(self.scope, model=body.model, stream=body.stream, model_version=model_version)
         self.base = dict(id=self.request_id, created=int(time.time()), model=body.model)
         self.prompt_tokens = 0
         self.parts: list[str] = []
@@ -276,6 +277,8 @@ class Call:
                 await self._start()
                 continue
             self.parts.append(chunk.text)
+            if chunk.finish_reason is not None and chunk.safety is not None:
+                chunk.safety["model_version"] = self.model_version
             yield chunk
             if chunk.finish_reason is not None:
                 return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -54,21 +55,32 @@ class GuardedIngress:
             raise
 
 
+def pin_bundle(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with a `models:/name@alias` or `/latest` bundle resolved to its version number, once, here on
+    the driver: every replica then loads that version, even if the alias moves while they start."""
+    if not (cfg.bundle or "").startswith("models:/"):
+        return cfg
+    from sr_ray.train.tracking import pinned_uri
+
+    return dataclasses.replace(cfg, bundle=pinned_uri(cfg.bundle, cfg.tracking_uri))
+
+
 def build_app(cfg: ServeConfig):
-    """The bound Serve application for `serve.run` (deployment options from `cfg`)."""
-    cfg.validate()
+    """The bound Serve application for `serve.run` (deployment options from `cfg`; the bundle pinned)."""
+    cfg = pin_bundle(cfg.validate())
     runtime_env = ray_runtime_env()
     m, i = cfg.model_deployment, cfg.ingress_deployment
     drain_s = cfg.limits.request_timeout_s + 30  # longer than any admitted request may run
     model = serve.deployment(GuardedModel).options(
         name="GuardedModel", autoscaling_config=m.autoscaling_config(), max_ongoing_requests=m.max_ongoing_requests,
         max_queued_requests=m.max_queued_requests, graceful_shutdown_timeout_s=drain_s,
-        ray_actor_options={"num_cpus": m.num_cpus, "runtime_env": runtime_env}, health_check_period_s=5)
+        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, "runtime_env": runtime_env},
+        health_check_period_s=5)
     ingress = serve.deployment(GuardedIngress).options(
         name="GuardedIngress", autoscaling_config=i.autoscaling_config(), max_ongoing_requests=i.max_ongoing_requests,
         max_queued_requests=i.max_queued_requests, graceful_shutdown_timeout_s=drain_s,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
-        ray_actor_options={"num_cpus": i.num_cpus, "runtime_env": runtime_env})
+        ray_actor_options={"num_cpus": i.num_cpus, "num_gpus": i.num_gpus, "runtime_env": runtime_env})
     return ingress.bind(cfg, model.bind(cfg))
 
 
@@ -93,6 +105,7 @@ def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
     """Check `cfg` (`preflight`), join Ray (the running session, `ray_address`, $RAY_ADDRESS, else a local
     one with workers at normal priority), start Serve's HTTP proxy on cfg.host:cfg.port, deploy; return
     the base URL."""
+    cfg = pin_bundle(cfg)
     preflight(cfg)
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address

@@ -137,6 +137,13 @@ class ServeConfig:
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
+    @property
+    def reminder_version(self) -> str | None:
+        """What responses, the audit log and metrics name as the reminder: `name/version` of a pinned
+        `models:/` bundle, else the bundle or probe directory."""
+        source = self.bundle or self.probe
+        return source.removeprefix("models:/") if source else None
+
     def validate(self) -> "ServeConfig":
         require(1 <= self.port <= 65535, f"port must be 1-65535, got {self.port}")
         if self.guard.enabled and not (self.bundle or self.probe):

@@ -10,9 +10,13 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServeMetrics:
-    def __init__(self):
+    def __init__(self, model_version: str | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        # Prometheus' info pattern: join on it (`* on() group_left(model_version) sr_ray_model_info`) to label
+        # any series with the reminder version this replica serves
+        Gauge("sr_ray_model_info", "The reminder version this replica serves (value 1)", ["model_version"],
+              registry=r).labels(model_version or "none").set(1)
         # every request but /health and /metrics, refused ones included; route: chat|models|openapi|other
         self.requests = Counter("sr_ray_requests", "Requests by HTTP status (a stream's outcome), mode and route",
                                 ["status", "stream", "route"], registry=r)

@@ -110,6 +110,7 @@ class SafetyReport(BaseModel):
     p_safe_min: float | None = Field(None, description="lowest P(safe) over the checks")
     tokens_released_before_flag: int | None = Field(None, description="tokens the client got before the flag")
     tokens_dropped: int = Field(0, description="held-back (unchecked) tokens discarded at the flag")
+    model_version: str | None = Field(None, description="the reminder that guarded it: registered name/version or a directory")
 
 
 class Usage(BaseModel):

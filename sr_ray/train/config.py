@@ -92,6 +92,7 @@ class RolloutConfig(StageConfig):
     batch_size: int = 8
     concurrency: int = 1  # actors in the pool (one model load each)
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # 1 on GPU nodes: Ray gives each actor its own GPU (the presets set it)
 
 
 @dataclass
