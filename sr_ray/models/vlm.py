@@ -87,13 +87,18 @@ class VLM:
         values = {marks[0]: prompt.system or "", marks[1]: prompt.text}
         pieces = []
         for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, marks)) + ")", text)):
-            pieces.append((values[piece], True) if i % 2 else (piece, False))
-        if sum(content for _, content in pieces) != len(messages):
+            if i % 2:  # content; the template's spaces before it join it, as they would in one string
+                space = re.search(r"[ \t]*$", pieces[-1][0]).group()
+                pieces[-1] = (pieces[-1][0][: len(pieces[-1][0]) - len(space)], False)
+                pieces.append((space + values[piece], True))
+            else:
+                pieces.append((piece, False))
+        if sum(is_content for _, is_content in pieces) != len(messages):
             raise ValueError(f"the chat template of {self.model_id} does not place each message's text once")
         prefix = prompt.answer_prefix.strip()
         if prefix:
             # "ASSISTANT:" style templates need a space; ChatML ends in a newline already.
-            pieces += [("" if text[-1:].isspace() else " ", False), (prefix, True)]
+            pieces.append((prefix if text[-1:].isspace() else " " + prefix, True))
         return pieces
 
     def render(self, prompt: Prompt) -> str:

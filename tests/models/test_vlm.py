@@ -59,3 +59,14 @@ def test_a_literal_image_placeholder_with_and_without_an_image_encodes(tiny_vlm)
     assert image_slots[0] == 0 and image_slots[1] == int((whole_prompt_ids(tiny_vlm, [Prompt("x", IMAGE)])
                                                           ["input_ids"] == tiny_vlm.model.config.image_token_id).sum())
     tiny_vlm.embed(batch)  # image features fill exactly the real slots
+
+
+def test_prefix_after_a_template_without_trailing_space_keeps_its_ids():
+    from sr_ray.models import load_vlm
+
+    vlm = load_vlm("tiny-llava")  # a fresh copy: the template is changed below
+    vlm.processor.chat_template = ("{% for m in messages %}USER: {% for p in m['content'] %}{{ p['text'] }}"
+                                   "{% endfor %} ASSISTANT:{% endfor %}")
+    prompts = [Prompt("q", answer_prefix="Sure, here"), Prompt("two words")]
+    assert vlm.render(prompts[0]) == "USER: q ASSISTANT: Sure, here"
+    assert torch.equal(vlm.encode(prompts).input_ids, whole_prompt_ids(vlm, prompts)["input_ids"])

@@ -198,7 +198,7 @@ def test_hostile_input_matrix_gets_4xx_and_the_server_keeps_serving(live):
     good = chat(max_tokens=2)
     auth = {"Authorization": f"Bearer {USER_KEY}"}
     with httpx.Client(base_url=live.url, timeout=60) as http:
-        for case in CASES:
+        for case in [c for c in CASES if c.wire]:
             response = send(http, case, auth)
             check(case, response)
             assert len(response.headers.get_list("x-request-id")) == 1, case.name
