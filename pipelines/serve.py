@@ -1,7 +1,7 @@
 """Ray job entrypoint: deploy the guarded OpenAI-compatible VLM endpoint on the job's cluster.
 
     ray job submit --working-dir . -- python pipelines/serve.py --config configs/serve.yaml \
-        --bundle models:/sr_ray_reminder/3 --set tracking_uri=sqlite:////mnt/shared/mlflow.db
+        --bundle models:/safety-reminder@champion --set tracking_uri=$MLFLOW_TRACKING_URI
 
 Inside a Ray job it joins the job's cluster; Serve applications outlive the job's driver, so without
 `--block` the entrypoint returns once the app is running (`serve status` / `serve shutdown` manage it

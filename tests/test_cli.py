@@ -8,6 +8,7 @@ import argparse
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ from sr_ray import cli
 from sr_ray.config_types import ConfigError
 from sr_ray.train.cli import stage_config
 from sr_ray.train.config import SaptConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def registered(module: str) -> dict[str, str]:
@@ -85,3 +88,31 @@ def test_bad_config_values_are_usage_errors_before_anything_starts(argv, message
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)  # library callers that catch ValueError keep working
+
+
+def test_each_attack_shows_only_its_own_flags():
+    parser = cli.build_parser(cli.modules_for("attack"))
+    kinds = next(a for a in parser._subparsers._group_actions[0].choices["attack"]._actions
+                 if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {kind: {o for a in p._actions for o in a.option_strings} for kind, p in kinds.items()}
+    assert "--epsilon" in flags["pgd"] and "--bundle" in flags["pgd-adaptive"]
+    assert not {"--epsilon", "--step-size", "--clean-image", "--bundle"} & flags["gcg"]
+    assert not {"--search-width", "--topk"} & flags["pgd"]
+    args = parser.parse_args(["attack", "gcg", "--config", "", "--steps", "5", "--topk", "8"])
+    from sr_ray.eval.cli import attack_config
+
+    cfg = attack_config(args)
+    assert (cfg.attack, cfg.gcg.steps, cfg.gcg.topk) == ("gcg", 5, 8)
+
+
+def test_pipeline_entrypoints_name_themselves_and_refuse_bad_values(capsys):
+    from sr_ray.train.cli import PIPELINE_SCRIPTS, pipeline_main
+
+    for command, script in PIPELINE_SCRIPTS.items():
+        assert f"pipeline_main({command!r})" in (REPO / "pipelines" / script).read_text().replace('"', "'")
+    with pytest.raises(SystemExit) as exit_:
+        pipeline_main("train", ["--help"])
+    assert capsys.readouterr().out.startswith("usage: pipelines/train_sapt.py")
+    with pytest.raises(SystemExit) as exit_:
+        pipeline_main("train", ["--config", "", "--set", "lr=abc"])
+    assert exit_.value.code == 2 and "pipelines/train_sapt.py: error: lr: expected float" in capsys.readouterr().err

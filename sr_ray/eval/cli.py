@@ -51,7 +51,7 @@ def evaluate_config(args: argparse.Namespace):
     from sr_ray.eval.runner import EvaluateConfig
     from sr_ray.train.config import config_file
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report", "log_level")}
     return EvaluateConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
 
 
@@ -71,26 +71,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+ATTACKS = {
+    "pgd": "PGD image against the undefended model",
+    "pgd-adaptive": "PGD image against the guarded pipeline (probe and reminder in the loss)",
+    "gcg": "GCG text suffixes (nanoGCG)",
+}
+
+
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("attack", choices=["pgd", "pgd-adaptive", "gcg"])
-    p.add_argument("--config", default="configs/attack.yaml",
-                   help="YAML with AttackConfig fields (default configs/attack.yaml, CPU-sized; '' = the official settings)")
-    p.add_argument("--out")
-    p.add_argument("--data-dir")
-    p.add_argument("--processed-dir")
-    p.add_argument("--model")
-    p.add_argument("--bundle", help="pgd-adaptive: the guarded pipeline under attack")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--clean-image", help="PGD start image (default: uniform gray)")
-    p.add_argument("--n-train", type=int, help="PGD: AdvBench train goals (official 320)")
-    p.add_argument("--n-test", type=int, help="AdvBench test goals written out (official 100)")
-    p.add_argument("--steps", type=int, help="PGD steps (official 3000) / GCG steps (official 500)")
-    p.add_argument("--epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
-    p.add_argument("--step-size", type=float, help="PGD step (official 1/255)")
-    p.add_argument("--batch-size", type=int, help="PGD goals per step (official 4)")
-    p.add_argument("--search-width", type=int, help="GCG candidates per step (official 64)")
-    p.add_argument("--topk", type=int, help="GCG top-k tokens per position (official 64)")
-    p.add_argument("--seed", type=int)
+    """One subcommand per attack, each with only the flags that attack reads."""
+    kinds = p.add_subparsers(dest="attack", required=True, metavar="ATTACK")
+    for kind, help_text in ATTACKS.items():
+        k = kinds.add_parser(kind, help=help_text, description=help_text)
+        k.add_argument("--config", default="configs/attack.yaml",
+                       help="YAML with AttackConfig fields (default configs/attack.yaml, CPU-sized; '' = the official settings)")
+        k.add_argument("--out")
+        k.add_argument("--data-dir")
+        k.add_argument("--processed-dir")
+        k.add_argument("--model")
+        k.add_argument("--tracking-uri")
+        k.add_argument("--n-test", type=int, help="AdvBench test goals written out (official 100)")
+        k.add_argument("--seed", type=int)
+        if kind == "gcg":
+            k.add_argument("--steps", type=int, help="GCG steps (official 500)")
+            k.add_argument("--search-width", type=int, help="GCG candidates per step (official 64)")
+            k.add_argument("--topk", type=int, help="GCG top-k tokens per position (official 64)")
+            continue
+        if kind == "pgd-adaptive":
+            k.add_argument("--bundle", help="the guarded pipeline under attack")
+        k.add_argument("--clean-image", help="PGD start image (default: uniform gray)")
+        k.add_argument("--n-train", type=int, help="AdvBench train goals (official 320)")
+        k.add_argument("--steps", type=int, help="PGD steps (official 3000)")
+        k.add_argument("--epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
+        k.add_argument("--step-size", type=float, help="PGD step (official 1/255)")
+        k.add_argument("--batch-size", type=int, help="PGD goals per step (official 4)")
 
 
 def attack_config(args: argparse.Namespace):
@@ -99,12 +113,13 @@ def attack_config(args: argparse.Namespace):
     from sr_ray.train.config import config_file
 
     section = "gcg" if args.attack == "gcg" else "pgd"
+    flag = lambda name: getattr(args, name, None)  # noqa: E731  (each attack has only its own flags)
     overrides = dict(attack=args.attack, out=args.out, data_dir=args.data_dir, processed_dir=args.processed_dir,
-                     model=args.model, bundle=args.bundle, tracking_uri=args.tracking_uri, clean_image=args.clean_image,
-                     n_train=args.n_train, n_test=args.n_test)
-    overrides |= {f"{section}_steps": args.steps, f"{section}_seed": args.seed, "pgd_epsilon": args.epsilon,
-                  "pgd_step_size": args.step_size, "pgd_batch_size": args.batch_size,
-                  "gcg_search_width": args.search_width, "gcg_topk": args.topk}
+                     model=args.model, bundle=flag("bundle"), tracking_uri=args.tracking_uri,
+                     clean_image=flag("clean_image"), n_train=flag("n_train"), n_test=args.n_test)
+    overrides |= {f"{section}_steps": args.steps, f"{section}_seed": args.seed, "pgd_epsilon": flag("epsilon"),
+                  "pgd_step_size": flag("step_size"), "pgd_batch_size": flag("batch_size"),
+                  "gcg_search_width": flag("search_width"), "gcg_topk": flag("topk")}
     return AttackConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
 
 

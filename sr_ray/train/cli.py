@@ -83,6 +83,7 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
 
 
 COMMANDS = {"rollout": cmd_rollout, "fit-probe": cmd_fit_probe, "train": cmd_train}
+PIPELINE_SCRIPTS = {"rollout": "rollout.py", "fit-probe": "fit_probe.py", "train": "train_sapt.py"}
 
 
 def pipeline_main(command: str, argv: list[str] | None = None) -> int:
@@ -90,9 +91,15 @@ def pipeline_main(command: str, argv: list[str] | None = None) -> int:
     from sr_ray.runtime import quiet_third_party
 
     quiet_third_party()
-    parser = argparse.ArgumentParser(prog=f"pipelines/{command.replace('-', '_')}.py", description=STAGES[command][3])
+    parser = argparse.ArgumentParser(prog=f"pipelines/{PIPELINE_SCRIPTS[command]}", description=STAGES[command][3])
     add_stage_arguments(parser, command)
-    return COMMANDS[command](parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    from sr_ray.config_types import ConfigError
+
+    try:
+        return COMMANDS[command](args)
+    except ConfigError as err:  # a usage error, found before any work started
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def cmd_align(args: argparse.Namespace) -> int:
