@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the three side-by-side benchmarks with the settings the docs report and writes their JSON to
+# Runs the side-by-side benchmarks with the settings the docs report and writes their JSON to
 # benchmarks/results/. Run it on a quiet machine (each JSON records the load average): every figure is a
 # ratio of two variants timed in the same run, and a busy neighbour moves both, not the ratio alone.
 #   bash benchmarks/run_all.sh [DATA_DIR]        # DATA_DIR defaults to ../shared/data
@@ -13,3 +13,4 @@ mkdir -p "$OUT"
 "$SR" bench guard --model smol-llava --new-tokens 256 --interval 16 --image-tokens 576 --repeats 3 \
     --out "$OUT/guard_smol_llava.json"
 "$SR" bench serve --model smol-llava --out "$OUT/serve_smol_llava.json"
+"$(dirname "$SR")/python" benchmarks/cli_help.py --repeats 5 --out "$OUT/cli_help.json"

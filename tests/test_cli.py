@@ -116,3 +116,16 @@ def test_pipeline_entrypoints_name_themselves_and_refuse_bad_values(capsys):
     with pytest.raises(SystemExit) as exit_:
         pipeline_main("train", ["--config", "", "--set", "lr=abc"])
     assert exit_.value.code == 2 and "pipelines/train_sapt.py: error: lr: expected float" in capsys.readouterr().err
+
+
+def test_benchmark_readme_commands_parse():
+    """The commands benchmarks/README.md gives are accepted as written (they once lacked the required --out)."""
+    import re
+    import shlex
+
+    commands = re.findall(r"`(sr-ray bench [^`]+)`", (REPO / "benchmarks/README.md").read_text())
+    assert len(commands) >= 3
+    parser = cli.build_parser(cli.modules_for("bench"))
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])
+        assert args.out, command
