@@ -3,10 +3,12 @@
 Variants, all greedy on the same prompt (an image context of `image_tokens` tokens + a question):
 - plain:    our decode loop with the guard off;
 - guarded:  fused incremental checks every `interval` tokens, probe never flags;
+- separate: the same checks as their own k-wide forward after the token forward (`separate_check=True`,
+            bit-identical to plain decoding in every dtype; docs/core.md);
 - official: the official check (SAPT.py:122-181): every interval, deepcopy the KV cache, then a no-cache
             full forward over prompt + image + answer + soft tokens, re-encoding the image;
 - flagged:  a probe that flags at the first check, ours (in place) and the official re-prefill.
-Runs are interleaved (plain, guarded, official, plain, ...) so machine drift hits all variants alike.
+Runs are interleaved (plain, guarded, separate, official, plain, ...) so machine drift hits all variants alike.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class GuardBenchConfig:
     interval: int = 16
     image_tokens: int = 576  # LLaVA-1.5's image context
     repeats: int = 3
+    dtype: str = "float32"
     prompt: str = "Describe this image in detail, then write a long story about it."
 
 
@@ -71,7 +74,8 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def run_guard_bench(cfg: GuardBenchConfig) -> dict:
-    vlm = load_vlm(cfg.model, image_tokens=cfg.image_tokens) if cfg.model.startswith("smol-llava") else load_vlm(cfg.model)
+    extra = dict(image_tokens=cfg.image_tokens) if cfg.model.startswith("smol-llava") else {}
+    vlm = load_vlm(cfg.model, dtype=cfg.dtype, **extra)
     soft = SoftPrompt.from_text(vlm)
     never = HarmProbe(torch.zeros(vlm.hidden_size), 30.0, base_model_id=vlm.model_id)
     always = HarmProbe(torch.zeros(vlm.hidden_size), -30.0, base_model_id=vlm.model_id)
@@ -81,11 +85,12 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
     sampling = SamplingConfig(max_new_tokens=cfg.new_tokens, ignore_eos=True)  # every variant decodes the full budget
     guard = GuardConfig(interval=cfg.interval, check_at_end=False)  # same checks as the official loop
     guarded = GuardedGenerator(vlm, soft, never, guard)
+    separate = GuardedGenerator(vlm, soft, never, guard, separate_check=True)
     flagged_ours = GuardedGenerator(vlm, soft, always, GuardConfig(interval=cfg.interval, reminder_max_new_tokens=32))
     flagged_official = GuardedGenerator(vlm, soft, always, GuardConfig(
         interval=cfg.interval, mode="official", schedule="official", check_at_end=False, reminder_max_new_tokens=32))
 
-    times = {"plain": [], "guarded": [], "official": []}
+    times = {"plain": [], "guarded": [], "separate": [], "official": []}
     tokens = {}
     for _ in range(cfg.repeats):
         t, out = _timed(lambda: guarded.generate([prompt], sampling, guard=False)[0])
@@ -94,6 +99,9 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
         t, out = _timed(lambda: guarded.generate([prompt], sampling)[0])
         times["guarded"].append(t)
         tokens["guarded"] = out.prefix_ids
+        t, out = _timed(lambda: separate.generate([prompt], sampling)[0])
+        times["separate"].append(t)
+        tokens["separate"] = out.prefix_ids
         t, ids = _timed(lambda: official_style_generate(vlm, prompt, soft(vlm.dtype), never, cfg.new_tokens, cfg.interval))
         times["official"].append(t)
         tokens["official"] = ids
@@ -104,7 +112,10 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
         "plain_s": med["plain"],
         "guarded_s": med["guarded"],
         "official_s": med["official"],
+        "separate_s": med["separate"],
         "ratio_guarded_plain": med["guarded"] / med["plain"],
+        "ratio_separate_plain": med["separate"] / med["plain"],
+        "separate_identical_to_plain": tokens["separate"] == tokens["plain"],
         "ratio_official_guarded": med["official"] / med["guarded"],
         "extra_prefill_tokens_on_flag": ours_flag.extra_prefill_tokens,
         "official_extra_prefill_tokens_on_flag": official_flag.extra_prefill_tokens,
@@ -123,6 +134,7 @@ def format_table(r: dict) -> str:
     rows = [
         ("plain greedy (guard off)", f"{r['plain_s']:.2f} s", "1.00x"),
         ("guarded, fused checks", f"{r['guarded_s']:.2f} s", f"{r['ratio_guarded_plain']:.3f}x plain"),
+        ("guarded, separate check forward", f"{r['separate_s']:.2f} s", f"{r['ratio_separate_plain']:.3f}x plain"),
         ("official-style checks", f"{r['official_s']:.2f} s", f"{r['ratio_official_guarded']:.2f}x guarded"),
         ("extra prefill on flag (ours)", str(r["extra_prefill_tokens_on_flag"]), "tokens"),
         ("extra prefill on flag (official)", str(r["official_extra_prefill_tokens_on_flag"]), "tokens"),

@@ -28,6 +28,7 @@ def add_commands(sub, bench) -> None:
     b.add_argument("--interval", type=int, default=16)
     b.add_argument("--image-tokens", type=int, default=576)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--out", help="write the JSON result here")
     b.set_defaults(func=bench_guard)
 
@@ -89,7 +90,7 @@ def bench_guard(args) -> int:
     from sr_ray.reminder.bench import GuardBenchConfig, format_table, run_guard_bench, save_result
 
     cfg = GuardBenchConfig(model=args.model, new_tokens=args.new_tokens, interval=args.interval,
-                           image_tokens=args.image_tokens, repeats=args.repeats)
+                           image_tokens=args.image_tokens, repeats=args.repeats, dtype=args.dtype)
     result = run_guard_bench(cfg)
     print(format_table(result))
     save_result(result, args.out)
