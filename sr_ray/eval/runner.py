@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,8 @@ from sr_ray.eval.variants import parse_attacks, with_attacks
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
 from sr_ray.reminder.shipped import default_bundle
 from sr_ray.train.tracking import pinned_uri, tracking_uri_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,7 +167,7 @@ def copy_attacks(attack_dirs: list[str], out: Path) -> None:
 
 
 def _phase(message: str, started: float) -> None:
-    print(f"[evaluate {time.perf_counter() - started:6.1f}s] {message}", flush=True)
+    log.info("[evaluate %6.1fs] %s", time.perf_counter() - started, message)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

@@ -211,3 +211,14 @@ def test_ingress_memory_bench_measures_both_modes():
         assert case["idle_mb"] > 0 and case["peak_mb"] >= case["idle_mb"] and case["health_after"] == 200
         assert sum(case["statuses"].values()) == 2 and set(case["statuses"]) <= {200, 503}
     assert result["worst_ratio_with_budgets"] == budgets["ratio"]
+
+
+def test_behind_serve_the_app_adds_no_request_id_of_its_own(bundle, tmp_path):
+    """Serve's proxy adds x-request-id to every response; the app adding one too made two."""
+    for proxied, expected in ((True, 0), (False, 1)):
+        cfg = config(bundle, tmp_path / str(proxied))
+        with TestClient(create_api(cfg, generate=None, proxy_sets_request_id=proxied)) as client:
+            response = client.get("/v1/models", headers={**AUTH, "x-request-id": "client-chosen"})
+        assert response.status_code == 200 and len(response.headers.get_list("x-request-id")) == expected
+        (record,) = audit_records(cfg)
+        assert record["x_request_id"] == "client-chosen" and record["request_id"].startswith("req-")
