@@ -7,9 +7,8 @@ One `step()` is one scheduler iteration:
      before the next decode step;
   3. admit waiting requests in arrival order while the batch has room (`max_batch_size` rows) and the KV
      budget allows (see below);
-  4. prefill admitted requests, at most `prefill_chunk_tokens` prompt tokens per iteration while other rows
-     are decoding (so a long prompt stalls decoding by one chunk's forward at a time), then merge them into
-     the running batch;
+  4. prefill admitted requests, at most `prefill_chunk_tokens` prompt tokens per iteration (so a long prompt
+     stalls the decoding rows by one chunk's forward at a time), then merge them into the running batch;
   5. one guarded decode step of the running batch (per-row sampling, guard state, fused checks, hold-back
      events as in `GuardedGenerator.stream`); finished rows leave.
 A row flagged in `mode="official"` leaves and comes back as its re-prefilled continuation.
@@ -205,15 +204,14 @@ class ContinuousScheduler:
             self._prefilling.append((t, Prefill(self.vlm, self.vlm.embed(t.encoded), [row])))
 
     def _prefill(self) -> None:
-        budget = self.config.prefill_chunk_tokens if self.rows else None  # nothing decoding: nothing to stall
+        # Chunked even when nothing decodes: an iteration stays short, so `check()` can tell slow from stuck.
+        budget = self.config.prefill_chunk_tokens
         for t, p in list(self._prefilling):
-            spent = p.advance(budget)
-            if budget is not None:
-                budget -= spent
+            budget -= p.advance(budget)
             if p.finished:
                 self._prefilling.remove((t, p))
                 self._join(p.batch())
-            if budget is not None and budget <= 0:
+            if budget <= 0:
                 return
 
     def _join(self, batch: DecodeBatch) -> None:
