@@ -142,7 +142,8 @@ class GuardedGenerator:
         """Yield the per-step events of a batch. `sampling`/`guard` may be per-row lists; guard=False is plain decoding."""
         n = len(prompts)
         guards = [self.guard_config(g) for g in _per_row(guard, n)]
-        rows = [self._row(i, s, g) for i, (s, g) in enumerate(zip(_per_row(sampling or SamplingConfig(), n), guards))]
+        samplings = _per_row(sampling or SamplingConfig(), n)
+        rows = [self.new_row(i, s, g) for i, (s, g) in enumerate(zip(samplings, guards))]
         embedded = self.vlm.embed(self.vlm.encode(prompts))
         yield from self._decode(embedded, rows)
         second = [i for i, r in enumerate(rows) if r.flagged_at is not None and r.guard.mode == "official"]
@@ -160,13 +161,15 @@ class GuardedGenerator:
     def soft_tokens(self) -> int:
         return 0 if self.soft_prompt is None else int(self.soft_prompt(self.vlm.dtype).shape[0])
 
-    # ---- internals -------------------------------------------------------------------------------
-    def _row(self, key: int, sampling: SamplingConfig, guard: GuardConfig | None, budget: int | None = None) -> _Row:
+    def new_row(self, key: int, sampling: SamplingConfig, guard: GuardConfig | None, budget: int | None = None) -> _Row:
+        """A request's decoding state; `key` is what its StepEvents carry as `row`."""
         gen = None
         if sampling.do_sample:
             gen = torch.Generator(device=self.vlm.device)
             gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         return _Row(key, sampling, guard, gen, budget if budget is not None else sampling.max_new_tokens)
+
+    # ---- internals -------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         tokens = logits.argmax(-1).tolist()
@@ -309,9 +312,10 @@ class GuardedGenerator:
     def official_followup(self, prompts: list[Prompt], firsts: list[_Row]) -> tuple[Embedded, list[_Row], list[int]]:
         """Official flag handling: re-prefill template + decoded prefix + soft prompt, decode unguarded."""
         tok = self.vlm.tokenizer
-        again = [replace(p, answer_prefix=tok.decode(r.answer, skip_special_tokens=True)) for p, r in zip(prompts, firsts)]
+        again = [replace(p, answer_prefix=tok.decode(r.answer, skip_special_tokens=True))
+                 for p, r in zip(prompts, firsts)]
         embedded = self.vlm.embed(self.vlm.encode(again), suffix=self.soft_prompt(self.vlm.dtype))
-        subs = [self._row(r.key, r.sampling, None, r.guard.reminder_max_new_tokens) for r in firsts]
+        subs = [self.new_row(r.key, r.sampling, None, r.guard.reminder_max_new_tokens) for r in firsts]
         return embedded, subs, [int(n) for n in embedded.attention_mask.sum(1).tolist()]
 
     def official_output(self, first: _Row, sub: _Row, prefill: int) -> GuardedOutput:

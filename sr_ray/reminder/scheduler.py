@@ -200,7 +200,7 @@ class ContinuousScheduler:
                 return  # in order: a large request is not overtaken forever by small ones
             self._waiting.popleft()
             self._tickets[t.id] = t
-            row = self.gen._row(t.id, t.sampling, t.guard)
+            row = self.gen.new_row(t.id, t.sampling, t.guard)
             self._prefilling.append((t, Prefill(self.vlm, self.vlm.embed(t.encoded), [row])))
 
     def _prefill(self) -> None:

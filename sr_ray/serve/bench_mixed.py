@@ -93,11 +93,12 @@ async def _open_loop(base_url: str, key: str, model: str, reqs: list[dict]) -> l
 def _mode_summary(results: list[dict]) -> dict:
     answered = [r for r in results if not r["hang_up"] and r["error"] is None]
     short = [r["latency_s"] * 1000 for r in answered if r["max_tokens"] <= SHORT_MAX_TOKENS]
+    every = [r["latency_s"] * 1000 for r in answered]
     span = max((r["done_at"] for r in answered), default=0.0)
     errors = [r["error"] for r in results if r["error"] is not None]
     return dict(rps=round(len(answered) / span, 4) if span else 0.0, answered=len(answered),
                 p50_short_ms=round(float(np.percentile(short, 50)), 1) if short else None, short_requests=len(short),
-                p50_ms=round(float(np.percentile([r["latency_s"] * 1000 for r in answered], 50)), 1) if answered else None,
+                p50_ms=round(float(np.percentile(every, 50)), 1) if every else None,
                 span_s=round(span, 2), errors=len(errors), error_samples=errors[:3])
 
 
@@ -110,7 +111,7 @@ def _replica_stats(app_name: str) -> dict:
 def _cpu_after_disconnect(base_url: str, key: str, cfg: MixedBenchConfig, app_name: str) -> dict:
     """Replica CPU seconds: one long answer read to the end, then the same request hung up after its first text
     (from the hang-up until the replica is idle again, plus a second)."""
-    req = dict(at=0.0, max_tokens=cfg.disconnect_tokens, message=3, hang_up=False)  # text: "Explain how a rainbow forms."
+    req = dict(at=0.0, max_tokens=cfg.disconnect_tokens, message=3, hang_up=False)  # "Explain how a rainbow forms."
     c0 = _replica_stats(app_name)["cpu_s"]
     full = asyncio.run(_open_loop(base_url, key, cfg.model, [req]))[0]
     c1 = _replica_stats(app_name)["cpu_s"]
@@ -168,9 +169,10 @@ def run_mixed_bench(cfg: MixedBenchConfig) -> dict:
     ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
     probe = probes["continuous"]
     return dict(
-        model=cfg.model, workload=dict(requests=cfg.requests, rate_rps=cfg.rate_rps, tokens=[cfg.min_tokens, cfg.max_tokens],
-                                       image_share=cfg.image_share, disconnects=cfg.disconnects, seed=cfg.seed,
-                                       max_batch_size=cfg.max_batch_size),
+        model=cfg.model,
+        workload=dict(requests=cfg.requests, rate_rps=cfg.rate_rps, tokens=[cfg.min_tokens, cfg.max_tokens],
+                      image_share=cfg.image_share, disconnects=cfg.disconnects, seed=cfg.seed,
+                      max_batch_size=cfg.max_batch_size),
         rps_static=static["rps"], rps_continuous=cont["rps"], ratio_throughput=ratio(cont["rps"], static["rps"]),
         p50_short_ms_static=static["p50_short_ms"], p50_short_ms_continuous=cont["p50_short_ms"],
         ratio_short_latency=ratio(cont["p50_short_ms"], static["p50_short_ms"]),

@@ -80,7 +80,8 @@ class GuardedModel:
         reminder = load_reminder(cfg, self.vlm)
         soft_prompt, probe, self.base_guard = reminder or (None, None, GuardConfig())
         b = cfg.batching
-        self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard, separate_check=b.separate_check)
+        self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard,
+                                          separate_check=b.separate_check)
         self.scheduler = None
         if b.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(

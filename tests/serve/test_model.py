@@ -105,7 +105,8 @@ def test_a_stop_string_ends_the_row(replica):
 
 
 def test_prompts_above_the_limit_are_refused_at_admission(replica):
-    long = GenerationJob(Prompt("word " * 300), SamplingConfig(max_new_tokens=8), GuardChoice(enabled=False, hold_back=True, interval=None, threshold=None), [], 64)
+    plain = GuardChoice(enabled=False, hold_back=True, interval=None, threshold=None)
+    long = GenerationJob(Prompt("word " * 300), SamplingConfig(max_new_tokens=8), plain, [], 64)
     admission, chunks = asyncio.run(collect(replica, long))
     assert admission.error and "above this server's limit" in admission.error and chunks == []
 
