@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from importlib.metadata import version
 
@@ -38,8 +37,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"sr-ray {version('sr_ray')}")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
-                        help="sr_ray's log level (default INFO)")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        help="sr_ray's progress messages on stderr (default $SR_RAY_LOG_LEVEL, else INFO)")
     return parser
 
 
@@ -74,21 +73,15 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in rest if not a.startswith("-")), None)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("sr_ray").setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     from sr_ray.config_types import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(modules_for(_command_of(argv)))
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    from sr_ray.runtime import quiet_third_party
+    from sr_ray.runtime import quiet_third_party, setup_logging
 
+    setup_logging(args.log_level)
     quiet_third_party()
     try:
         return int(args.func(args) or 0)

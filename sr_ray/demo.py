@@ -8,6 +8,7 @@ YAML in `configs/` (the CPU sizes); the demo only points them at one work direct
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from sr_ray.reminder.shipped import default_bundle
 from sr_ray.train.config import REPO_ROOT
 
-EXPERIMENT = "sr-ray-demo"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,11 +41,11 @@ class _Stages:
 
     def run(self, name: str, fn):
         self.done += 1
-        print(f"\n=== [{self.done}/{self.total}] {name} ===", flush=True)
+        log.info("=== [%d/%d] %s ===", self.done, self.total, name)
         t = time.perf_counter()
         result = fn()
         self.times[name] = round(time.perf_counter() - t, 1)
-        print(f"=== {name}: {self.times[name]} s (total {time.perf_counter() - self.started:.0f} s) ===", flush=True)
+        log.info("=== %s: %s s (total %.0f s) ===", name, self.times[name], time.perf_counter() - self.started)
         return result
 
 
@@ -63,14 +64,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     from sr_ray.runtime import ensure_ray
     from sr_ray.train import run_fit_probe, run_rollout, run_sapt
     from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
-    from sr_ray.train.tracking import tracking_uri_for
+    from sr_ray.train.tracking import EXPERIMENT, tracking_uri_for  # the experiment every stage uses
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir).resolve() if cfg.data_dir else default_data_dir()
     tracking_uri = tracking_uri_for(out)  # $MLFLOW_TRACKING_URI, else sqlite under DIR
     shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
-    print(f"sr-ray demo: model={cfg.model} data={data_dir} out={out}\nMLflow: {tracking_uri} (experiment {EXPERIMENT})")
+    log.info("sr-ray demo: model=%s data=%s out=%s; MLflow: %s (experiment %s)", cfg.model, data_dir, out,
+             tracking_uri, EXPERIMENT)
     # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
     ensure_ray(cfg.num_cpus, dashboard=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Offline by design: no hub downloads at run time; CPU-friendly threading; no Ray telemetry.
@@ -12,13 +13,30 @@ RUNTIME_ENV_VARS = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    "SR_RAY_LOG_LEVEL": os.environ.get("SR_RAY_LOG_LEVEL", "INFO"),  # `sr-ray --log-level`, forwarded to workers
 }
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str | None = None) -> None:
+    """sr_ray's progress lines to stderr (results stay on stdout), at `level` if given, else
+    $SR_RAY_LOG_LEVEL (INFO); the handler is added once per process."""
+    logger = logging.getLogger("sr_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("SR_RAY_LOG_LEVEL", "INFO"))
+    if level:
+        logger.setLevel(level)
+        os.environ["SR_RAY_LOG_LEVEL"] = level
 
 
 def quiet_third_party() -> None:
     """Set the offline/quiet environment for this process (idempotent)."""
     for key, value in RUNTIME_ENV_VARS.items():
         os.environ.setdefault(key, value)
+    setup_logging()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

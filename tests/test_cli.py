@@ -57,6 +57,20 @@ def test_version_and_log_level(capsys):
     assert exit_.value.code == 2
 
 
+def test_log_level_reaches_sr_ray_loggers_and_ray_workers(tmp_path, monkeypatch):
+    import logging
+
+    from sr_ray.runtime import ray_runtime_env
+
+    monkeypatch.setenv("SR_RAY_LOG_LEVEL", "INFO")
+    with pytest.raises(FileNotFoundError):  # the command itself fails; the level was set before it ran
+        cli.main(["--log-level", "warning", "data", "stats", str(tmp_path)])
+    assert logging.getLogger("sr_ray.demo").getEffectiveLevel() == logging.WARNING
+    assert ray_runtime_env()["env_vars"]["SR_RAY_LOG_LEVEL"] == "WARNING"  # workers log at the same level
+    assert logging.getLogger("sr_ray").handlers  # progress lines go to stderr, results stay on stdout
+    logging.getLogger("sr_ray").setLevel(logging.INFO)
+
+
 def test_set_values_arrive_typed():
     parser = cli.build_parser(cli.modules_for("train"))
     cfg = stage_config("train", parser.parse_args(["train", "--config", "", "--set", "lr=2e-4", "--set", "epochs=3"]))
