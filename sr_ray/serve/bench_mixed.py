@@ -46,6 +46,7 @@ class MixedBenchConfig:
     seed: int = 0
     ratio_requests: int = 8  # per mode per round of the guarded/plain phase (64 tokens, concurrency = batch)
     disconnect_tokens: int = 256  # the long answer of the CPU-after-disconnect probe
+    port: int | None = None  # None: a free port (or the running Serve proxy's, when given)
 
 
 def workload(cfg: MixedBenchConfig) -> list[dict]:
@@ -139,7 +140,7 @@ def run_mixed_bench(cfg: MixedBenchConfig) -> dict:
     from sr_ray.serve.app import start
 
     started_ray = not ray.is_initialized()
-    key, reqs, port = secrets.token_urlsafe(24), workload(cfg), free_port()  # one Serve proxy for both apps
+    key, reqs, port = secrets.token_urlsafe(24), workload(cfg), cfg.port or free_port()  # one proxy, both apps
     modes, probes = {}, {}
     with tempfile.TemporaryDirectory(prefix="sr_ray_bench_mixed_") as tmp:
         bundle = cfg.bundle or str(_never_flag_bundle(cfg.model, Path(tmp) / "bundle"))

@@ -1,6 +1,6 @@
 """The continuous scheduler behind real Ray Serve on 127.0.0.1: a full replica queue answers 503 with
-Retry-After, and a client that disconnects mid-stream frees its row within a step (the replica's stats, read
-through a Serve handle) and leaves a 499 audit record."""
+Retry-After, a client that disconnects mid-stream frees its row within a step (the replica's stats, read
+through a Serve handle) and leaves a 499 audit record, and the mixed-workload bench runs end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sr_ray.serve.bench import free_port
+from sr_ray.serve.bench_mixed import MixedBenchConfig, run_mixed_bench, workload
 from sr_ray.serve.config import BatchingConfig, Limits, ScaleConfig, ServeConfig
 from tests.serve.conftest import constant_probe_bundle
 
@@ -90,3 +91,18 @@ def test_a_disconnected_stream_leaves_the_batch(live):
             break
         time.sleep(0.1)
     assert any(rec.get("status") == 499 for rec in records)
+
+
+def test_the_mixed_workload_bench_runs_both_batchers(live):
+    url, cfg = live
+    bench = MixedBenchConfig(model=MODEL, requests=6, rate_rps=4.0, min_tokens=8, max_tokens=40, disconnects=1,
+                             max_batch_size=2, num_cpus=0.25, ratio_requests=2, disconnect_tokens=40, port=cfg.port)
+    reqs = workload(bench)
+    assert reqs == workload(bench) and sum(r["hang_up"] for r in reqs) == 1  # seeded
+    assert all(8 <= r["max_tokens"] <= 40 for r in reqs)
+    result = run_mixed_bench(bench)
+    assert result["errors"] == 0, result["detail"]
+    assert result["rps_static"] > 0 and result["rps_continuous"] > 0 and result["ratio_guarded_plain"] > 0
+    assert result["ratio_throughput"] == pytest.approx(result["rps_continuous"] / result["rps_static"], rel=0.01)
+    assert result["detail"]["static"]["answered"] == result["detail"]["continuous"]["answered"] == 5
+    assert result["cpu_s_full_answer"] > 0 and result["cpu_s_after_disconnect"] >= 0
