@@ -143,3 +143,18 @@ def test_benchmark_readme_commands_parse():
     for command in commands:
         args = parser.parse_args(shlex.split(command)[1:])
         assert args.out, command
+
+
+@pytest.mark.parametrize("command, yaml_text, message", [
+    ("evaluate", "limit: many\n", "limit: expected int | None, got 'many'"),
+    ("attack pgd", "pgd: {steps: lots}\n", "pgd.steps: expected int, got 'lots'"),
+    ("preprocess", "max_side: big\n", "max_side: expected int, got 'big'"),
+])
+def test_every_stage_checks_its_yaml_values(command, yaml_text, message, tmp_path, capsys):
+    """evaluate / attack / preprocess build their YAML + flags through the same type check: exit 2."""
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    argv = [*command.split(), "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv + (["--bundle", "b"] if command == "evaluate" else []))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err, err

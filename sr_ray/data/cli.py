@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sr_ray.config_types import build
 from sr_ray.data.config import PreprocessConfig
 
 
@@ -42,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     values.update({k: v for k, v in vars(args).items() if k in OVERRIDABLE and v is not None})
     values.setdefault("data_dir", str(default_data_dir()))
     values.setdefault("out_dir", "runs/data")
-    return PreprocessConfig(**values)
+    return build(PreprocessConfig, values)  # every value checked against its field's type
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from sr_ray.config_types import build
 from sr_ray.eval.attacks.dataset import attack_rows, read_attack_info
 from sr_ray.eval.awareness import AwarenessConfig, awareness_rows, run_awareness
 from sr_ray.eval.benchmarks import (
@@ -97,7 +98,7 @@ class EvaluateConfig:
         awareness = {k.removeprefix("awareness_"): overrides.pop(k) for k in list(overrides) if k.startswith("awareness_")}
         values["awareness"] = {**values.get("awareness", {}), **{k: v for k, v in awareness.items() if v is not None}}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return build(cls, values)  # every value checked against its field's type
 
 
 def _init_ray(num_cpus: int | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from sr_ray.config_types import build
 from sr_ray.eval.attacks.dataset import write_attack_dataset
 from sr_ray.eval.attacks.gcg import GCGConfig, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, run_pgd
@@ -61,7 +62,7 @@ class AttackConfig:
                 if value is not None:
                     values.setdefault(section, {})[key.removeprefix(f"{section}_")] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return build(cls, values)  # every value checked against its field's type
 
 
 def advbench_pairs(processed_dir: Path, split: str, limit: int | None) -> list[dict]:
