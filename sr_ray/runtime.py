@@ -52,7 +52,9 @@ def ray_runtime_env(extra: dict | None = None) -> dict:
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job); else start a local one.
+    """Use the running Ray session; else join $RAY_ADDRESS (a `ray job submit` job) or the cluster `ray start`
+    began on this node (a command run on a cluster node, outside a job); else start a local one. Joining
+    takes no `num_cpus`: Ray refuses to resize an existing cluster.
 
     A local Ray started here runs its workers at normal priority: Ray's default (nice 15) makes them yield
     to every other process on a shared machine, so a "parallel" run could be slower than the same work in
@@ -62,7 +64,9 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    from ray._private.services import find_bootstrap_address  # the file ray.init() itself joins through
+
+    if os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None):
         ray.init(runtime_env=ray_runtime_env())
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
