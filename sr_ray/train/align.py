@@ -42,9 +42,12 @@ REFUSALS = [
 class AlignConfig:
     data_dir: str | None = None  # laid out like shared/data (needs refusal_direction/splits); None: the default
     out: str = "sr_ray/models/adapters/smollm2-135m-safety"
-    harmless: int = 200  # harmless_train instructions (seeded sample); harmful: every clean harmful_train one
+    # harmless_train instructions (seeded sample); harmful: every clean harmful_train one (142 in shared/data).
+    # 200 harmless taught a style rule (32% of harmless test asks refused); ~3.4 per harmful one keep it about harm.
+    harmless: int = 480
     refusals: list[str] = field(default_factory=lambda: list(REFUSALS))
-    max_answer_tokens: int = 64  # the benign self-answers' budget (cut answers are trained without an EOS)
+    max_answer_tokens: int = 32  # the benign self-answers' budget (cut answers are trained without an EOS): the
+    # start of an answer is what decides between answering and refusing
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -204,6 +207,7 @@ def save_adapter(model, out: Path, info: dict) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; alignment.json says it all
     files = {name: sha256_file(out / name) for name in ("adapter_model.safetensors", "adapter_config.json")}
     (out / "alignment.json").write_text(json.dumps(info | {"files": files}, indent=1) + "\n")
     return out

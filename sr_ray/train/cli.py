@@ -119,6 +119,6 @@ def add_commands(sub, bench) -> None:
     p.add_argument("--data-dir", help="raw data laid out like shared/data (needs refusal_direction/splits)")
     p.add_argument("--out", default="sr_ray/models/adapters/smollm2-135m-safety", help="adapter directory")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--harmless", type=int, default=200, help="harmless_train instructions answered by the model itself")
+    p.add_argument("--harmless", type=int, default=480, help="harmless_train instructions answered by the model itself")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_align)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -236,3 +237,27 @@ def test_failed_build_leaves_nothing_and_a_retry_succeeds(tmp_path):
 
     final = smol_llava._built_once(tmp_path / "model", lambda out: (out / METADATA_FILE).write_text("{}"))
     assert (final / METADATA_FILE).exists() and not (final / "weights").exists()
+
+
+@pytest.mark.slow
+def test_the_shipped_bundle_verifies_and_loads_on_the_default(model_dir, tmp_path):
+    import shutil
+
+    from sr_ray.models import load_vlm
+    from sr_ray.reminder import ArtifactError, ReminderBundle
+    from sr_ray.reminder.shipped import shipped_bundle
+
+    path = shipped_bundle("smol-llava")
+    assert path is not None, "no reminder bundle ships for smol-llava"
+    vlm = load_vlm(str(model_dir))
+    bundle = ReminderBundle.load(path, vlm)  # checks the parts' pinned checksums and the base model id
+    assert bundle.base_model_id == "smol-llava" and bundle.soft_prompt.k == 4
+    assert 0.0 < bundle.threshold < 1.0 and bundle.interval == 16
+    training = json.loads((path / "training.json").read_text())
+    assert {"commands", "commit", "data", "validation"} <= set(training)
+    copy = shutil.copytree(path, tmp_path / "bundle")
+    with open(copy / "probe" / "tensors.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00" * 4)
+    with pytest.raises(ArtifactError):
+        ReminderBundle.load(copy, vlm)
