@@ -207,7 +207,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         tracking_uri=tracking_uri, seconds=round(time.perf_counter() - started, 1),
     )
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    flat = {f"{s}.{b}.{k}": v for s, benches in metrics.items() for b, m in benches.items() for k, v in m.items()}
+    # MLflow metric names take no "+": an attacked variant `figstep+prefill` logs as `figstep-prefill`
+    flat = {f"{s}.{b.replace('+', '-')}.{k}": v for s, benches in metrics.items() for b, m in benches.items()
+            for k, v in m.items()}
     if awareness:
         for name, s in awareness["summaries"].items():
             flat[f"awareness.{name.split(' (')[0].replace(' ', '_')}.harmful_ever_below_threshold"] = s["harmful_ever_below_threshold"]
