@@ -233,11 +233,12 @@ def test_metrics_and_audit_log(live):
                  "sr_ray_time_to_first_token_seconds_bucket"):
         assert name in metrics
 
-    def value(prefix: str) -> float:  # summed over the labels the prefix leaves open
-        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
+    def value(name: str, *labels: str) -> float:  # summed over the lines with all these labels
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith(name) and all(label in line for label in labels))
 
-    assert value('sr_ray_requests_total{status="200",stream="false",route="chat"}') >= 1
-    assert value('sr_ray_requests_total{status="401"') >= 1 and value("sr_ray_guard_interventions_total") >= 1
+    assert value("sr_ray_requests_total", 'status="200"', 'stream="false"', 'route="chat"') >= 1
+    assert value("sr_ray_requests_total", 'status="401"') >= 1 and value("sr_ray_guard_interventions_total") >= 1
     records = [json.loads(line) for line in live.audit.read_text().splitlines()]
     mine = next(r for r in records if r["request_id"] == resp.id)
     assert mine["key_id"] == "user" and mine["flagged"] and mine["flagged_at"] == 4
