@@ -169,7 +169,7 @@ def python_mismatches(cluster_text: str, pyproject_text: str) -> list[str]:
     if guard is None or ".".join(guard.groups()) != lowest:
         problems.append(f"setup_commands' python guard {guard and guard.groups()} != requires-python {lowest}")
     for dep in map(Requirement, project["dependencies"]):
-        needs = metadata(dep.name)["Requires-Python"]  # the installed pin's own metadata
+        needs = metadata(dep.name).get("Requires-Python")  # the installed pin's own metadata (may be absent)
         if any(s.operator == "==" for s in dep.specifier) and needs and lowest not in SpecifierSet(needs):
             problems.append(f"{dep} requires python {needs}, package allows {lowest}")
     return problems

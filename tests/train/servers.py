@@ -82,7 +82,7 @@ class MlflowServer:
     log: Path
 
     @classmethod
-    def start(cls, backend_uri: str, artifacts: Path, log: Path, timeout_s: float = 180) -> "MlflowServer":
+    def start(cls, backend_uri: str, artifacts: Path, log: Path, timeout_s: float = 360) -> "MlflowServer":
         port = free_port()
         cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
