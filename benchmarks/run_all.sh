@@ -13,4 +13,6 @@ mkdir -p "$OUT"
 "$SR" bench guard --model smol-llava --new-tokens 256 --interval 16 --image-tokens 576 --repeats 3 \
     --out "$OUT/guard_smol_llava.json"
 "$SR" bench serve --model smol-llava --out "$OUT/serve_smol_llava.json"
+"$SR" bench serve --workload mixed --model smol-llava-unaligned --requests 24 --rate 0.15 \
+    --out "$OUT/serve_mixed_smol_llava_unaligned.json"
 "$(dirname "$SR")/python" benchmarks/cli_help.py --repeats 5 --out "$OUT/cli_help.json"
