@@ -227,6 +227,7 @@ def test_metrics_and_audit_log(live):
     resp = live.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "audit me"}],
                                                  max_tokens=8, extra_body={"safety": {"threshold": ALWAYS}})
     sse_events(live, chat(max_tokens=8))
+    assert httpx.post(live.url + "/v1/chat/completions", json=chat()).status_code == 401  # no key
     metrics = httpx.get(live.url + "/metrics").text
     for name in ("sr_ray_requests_total", "sr_ray_completion_tokens_total", "sr_ray_guard_checks_total",
                  "sr_ray_guard_interventions_total", "sr_ray_request_latency_seconds_bucket",
