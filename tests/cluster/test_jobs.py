@@ -128,7 +128,7 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     # MLflow: one run per stage, finished, with their metrics and artifacts; the bundle registered.
     client = MlflowClient(stages.tracking_uri, registry_uri=stages.tracking_uri)
     experiment = client.get_experiment_by_name("sr-ray")
-    runs = {r.data.tags.get("stage"): r for r in client.search_runs([experiment.experiment_id])}
+    runs = {r.data.tags.get("sr_ray.stage"): r for r in client.search_runs([experiment.experiment_id])}
     assert {"rollout", "fit-probe", "train"} <= set(runs)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["train"].info.run_id == trained["mlflow_run_id"]

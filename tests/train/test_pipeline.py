@@ -99,7 +99,7 @@ def test_rollout_keeps_the_models_own_answers(pipeline):
     assert len(harmful) == len(benign) == 10
     # harmful rows were rolled out under the prefill attack: the rejected answer is the prefill + the model's text
     assert (harmful["attack_prefix"] == PREFILL_GENERIC).all() and (benign["attack_prefix"] == "").all()
-    assert (harmful["rejected"] == PREFILL_GENERIC + " " + harmful["response"]).all()
+    assert all(r == f"{PREFILL_GENERIC} {a}".strip() for r, a in zip(harmful["rejected"], harmful["response"]))
     assert harmful["chosen"].isin(REFUSALS).all() and harmful["chosen_ended"].all()
     assert (benign["chosen"] == benign["response"]).all() and (benign["rejected"] == OFFICIAL_REJECTED).all()
     # a benign answer the 12-token budget cut is marked, so SAPT appends no end-of-turn to it
