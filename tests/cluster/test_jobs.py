@@ -145,14 +145,14 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     stages.run("evaluate.py", "--config", "configs/evaluate.yaml", "--model", MODEL, "--bundle", model_uri,
                "--processed-dir", str(shards), "--out", str(work / "eval"), "--tracking-uri", stages.tracking_uri,
                "--systems", "undefended,safety_reminder", "--benchmarks", "figstep,advbench,harmless", "--limit", "2",
-               "--max-new-tokens", "12", "--reminder-max-new-tokens", "12", "--awareness-limit", "0",
+               "--max-new-tokens", "12", "--reminder-max-new-tokens", "12", "--awareness-limit", "0", "--attacks", "",
                "--probe-roc", str(work / "probe/roc.png"))
     metrics = json.loads((work / "eval/metrics.json").read_text())
     assert set(metrics) == {"undefended", "safety_reminder"}
     assert all(set(m) == {"figstep", "advbench", "harmless"} and all(b["n"] == 2 for b in m.values())
                for m in metrics.values())
     assert (work / "eval/report.html").exists()
-    [evaluation] = client.search_runs([client.get_experiment_by_name("sr_ray-eval").experiment_id])
+    [evaluation] = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sr_ray.stage") == "evaluate"]
     assert evaluation.info.status == "FINISHED"
     assert evaluation.data.metrics["safety_reminder.advbench.n"] == 2
     assert "metrics.json" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
