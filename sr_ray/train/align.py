@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sr_ray.data.overlap import normalise
 from sr_ray.models.smol_llava import CHAT_TEMPLATE, LM_DIR_NAME, default_cache_dir, smollm2_dir
 
 EVAL_SOURCES = ("advbench", "jailbreakv", "mmsafetybench", "figstep", "vlsafe")
@@ -57,10 +57,6 @@ class AlignConfig:
     batch_size: int = 8
     lr: float = 3e-4
     seed: int = 0
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).strip()
 
 
 def alignment_data(data_dir: Path, harmless: int, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -203,7 +199,7 @@ def run_align(cfg: AlignConfig) -> Path:
 
 def save_adapter(model, out: Path, info: dict) -> Path:
     """The PEFT adapter (safetensors + adapter_config.json) and `alignment.json` pinning both files' sha256."""
-    from sr_ray.reminder.artifacts import sha256_file
+    from sr_ray.hashing import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

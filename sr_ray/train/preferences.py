@@ -32,14 +32,23 @@ class Quarantined:
 
 
 def select_records(data_dir: str | Path, selections: list[RecordSelection], label: str, split: str, seed: int) -> list:
-    """Records of `label` in `split` from each selection, a seeded sample of at most its cap."""
-    from sr_ray.data import load_records
+    """Records of `label` in `split` from each selection, a seeded sample of at most its cap.
 
+    Outside the test split, a record whose item is any source's test item is evaluation data and is left out
+    (counted in the log), before sampling, so a cap still fills from clean rows.
+    """
+    from sr_ray.data import load_records
+    from sr_ray.data.overlap import evaluation_texts, item_text
+
+    held_out = evaluation_texts(data_dir) if split != "test" else set()
     chosen = []
     for sel in selections:
-        records = sorted(
-            load_records(data_dir, source=sel.source, variant=sel.variant, split=split, label=label), key=lambda r: r.id
-        )
+        records = load_records(data_dir, source=sel.source, variant=sel.variant, split=split, label=label)
+        clean = [r for r in records if item_text(r.prompt, r.original_question) not in held_out]
+        if len(clean) < len(records):
+            log.info("selection %s/%s %s %s: %d of %d records left out as another source's test items",
+                     sel.source, sel.variant or "*", label, split, len(records) - len(clean), len(records))
+        records = sorted(clean, key=lambda r: r.id)
         if not records:
             log.warning("selection %s/%s has no %s %s records in %s", sel.source, sel.variant or "*", label, split, data_dir)
         cap = sel.cap(split)

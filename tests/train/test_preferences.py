@@ -97,3 +97,35 @@ def test_shipped_configs_parse(preset):
         assert isinstance(cfg, cls)
         if preset:
             assert cfg.model.endswith("-hf") or "Qwen" in cfg.model
+
+
+def test_selection_leaves_out_other_sources_test_items(tmp_path):
+    """refusal_direction's harmful train split may hold an AdvBench test goal (other case and punctuation):
+    no training selection may read it, and FigStep image rows, which share one generic prompt, stay in."""
+    import csv
+
+    from sr_ray.data import DEMO_DATA_DIR, PreprocessConfig, run_preprocess
+    from sr_ray.data.splits import advbench_pgd_splits
+    from sr_ray.train.config import RecordSelection
+    from sr_ray.train.preferences import select_records
+    from tests.eval.conftest import write_eval_data
+
+    data = write_eval_data(tmp_path / "data")
+    with open(DEMO_DATA_DIR / "AdvBench" / "harmful_behaviors.csv", newline="") as f:
+        goals = [r["goal"] for r in csv.DictReader(f)]
+    test_goal = goals[advbench_pgd_splits(len(goals)).index("test")]
+    kept = [{"instruction": "Describe how to forge a signature.", "category": "demo"}]
+    (data / "refusal_direction" / "splits" / "harmful_train.json").write_text(
+        json.dumps(kept + [{"instruction": test_goal.upper() + "!!", "category": "demo"}]))
+    out = tmp_path / "processed"
+    run_preprocess(PreprocessConfig(data_dir=str(data), out_dir=str(out), executor="loop", progress=False,
+                                    sources=["figstep", "advbench", "harmful_harmless"]))
+
+    picked = select_records(out, [RecordSelection(source="harmful_harmless")], "harmful", "train", seed=0)
+    assert sorted(r.prompt for r in picked) == sorted(e["instruction"] for e in kept)
+    figstep = [RecordSelection(source="figstep", variant="image")]
+    for split in ("train", "val"):
+        from sr_ray.data import load_records
+
+        assert len(select_records(out, figstep, "harmful", split, 0)) == len(
+            load_records(out, source="figstep", variant="image", split=split, label="harmful")) > 0
