@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from sr_ray.reminder.artifacts import sha256_file
+from sr_ray.hashing import sha256_file
 
 MODEL_ID = "smol-llava"
 UNALIGNED_ID = "smol-llava-unaligned"

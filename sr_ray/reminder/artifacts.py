@@ -6,12 +6,13 @@ loaded, so they are refused with a clear error instead of being opened.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from sr_ray.hashing import sha256_file
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -19,14 +20,6 @@ META = "meta.json"
 
 class ArtifactError(ValueError):
     """An artifact is missing, tampered with, of the wrong kind, or for another base model."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _refuse_non_safetensors(path: Path) -> None:

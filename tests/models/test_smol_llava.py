@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sr_ray.reminder.artifacts import sha256_file
+from sr_ray.hashing import sha256_file
 from sr_ray.runtime import quiet_third_party
 
 quiet_third_party()  # offline, before transformers is used
