@@ -1,1 +1,1 @@
-"""Evaluation: judges, the systems runner, metrics, attacks, delayed-awareness analysis and the report."""
+"""Evaluation (judged by `sr_ray.judges`): the systems runner, metrics, attacks, delayed-awareness analysis and the report."""

@@ -16,7 +16,7 @@ import math
 
 import pandas as pd
 
-from sr_ray.eval.judges import RuleJudge
+from sr_ray.judges import RuleJudge
 
 OFFICIAL_SYSTEM = "safety_reminder_official"
 METRIC_KEYS = ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")

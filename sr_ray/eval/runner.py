@@ -27,7 +27,7 @@ from sr_ray.eval.benchmarks import (
     BENCHMARK_ORDER, BENCHMARKS, benchmark_rows, default_inline_typography, preprocess_selection, sample_by_category,
 )
 from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, versions
-from sr_ray.eval.judges import make_judge
+from sr_ray.judges import make_judge
 from sr_ray.eval.metrics import (
     add_changed, add_views, category_metrics, clean_json, compute_metrics, judge_views, metrics_table,
 )

@@ -40,7 +40,7 @@ def to_preferences(answers: pd.DataFrame, refusals: list[str], seed: int) -> pd.
     """Preference rows from (request + `response`) rows."""
     if not refusals:
         raise ValueError("the refusal set is empty; SAPT needs at least one refusal text for harmful rows")
-    from sr_ray.eval.judges import RuleJudge
+    from sr_ray.judges import RuleJudge
 
     judge = RuleJudge()
     out = answers.copy()

@@ -175,7 +175,7 @@ class Validator:
     def __init__(self, vlm: VLM, probe: HarmProbe, rows: list[dict], *, seed: int, interval: int, threshold: float,
                  max_new_tokens: int, batch_size: int, cls_weight: float, max_target_tokens: int,
                  p_empty: float, min_chars: int):
-        from sr_ray.eval.judges import RuleJudge
+        from sr_ray.judges import RuleJudge
 
         self.vlm, self.probe, self.judge = vlm, probe, RuleJudge()
         self.examples = [build_example(r, example_rng(seed, -1, str(r["id"])), p_empty, min_chars) for r in rows]

@@ -12,7 +12,7 @@ import yaml
 from sr_ray.cli import build_parser
 from sr_ray.eval.cli import attack_config, evaluate_config
 from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
-from sr_ray.eval.judges import RuleJudge
+from sr_ray.judges import RuleJudge
 from sr_ray.data.prefill import PREFILL_GENERIC
 from sr_ray.eval.runner import EvaluateConfig
 from sr_ray.infer import SYSTEMS

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sr_ray.eval.judges import (
+from sr_ray.judges import (
     OFFICIAL_REFUSAL_KEYWORDS, LlamaGuardJudge, MDJudge, MD_JUDGE_TEMPLATE, RuleJudge, make_judge,
 )
 from sr_ray.models.tiny import tiny_llava
