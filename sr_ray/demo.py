@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from sr_ray.runtime import ensure_ray
     from sr_ray.train import run_fit_probe, run_rollout, run_sapt
     from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
-    from sr_ray.train.tracking import EXPERIMENT, tracking_uri_for  # the experiment every stage uses
+    from sr_ray.tracking import EXPERIMENT, tracking_uri_for  # the experiment every stage uses
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

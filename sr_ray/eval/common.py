@@ -7,14 +7,14 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from sr_ray.train.tracking import EXPERIMENT
+from sr_ray.tracking import EXPERIMENT
 
 
 def resolve_bundle_dir(uri: str | None, tracking_uri: str | None) -> str | None:
     """A local bundle directory for a directory or a `models:/NAME/VERSION` URI (None stays None)."""
     if not uri:
         return None
-    from sr_ray.train.tracking import resolve_bundle
+    from sr_ray.tracking import resolve_bundle
 
     return str(resolve_bundle(uri, tracking_uri))
 
@@ -57,7 +57,7 @@ def log_to_mlflow(tracking_uri: str, run_name: str, params: dict, metrics: dict[
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from sr_ray.train.tracking import link_model_version, start_run
+    from sr_ray.tracking import link_model_version, start_run
 
     run_id = start_run(tracking_uri, experiment, run_name, params=params, stage=stage)
     model_id = link_model_version(tracking_uri, run_id, model_uri)
@@ -79,7 +79,7 @@ def log_report(run_dir: str | Path, files: list[Path]) -> None:
     """Add the report files to the run's MLflow run (written after it closed, since the report shows its id)."""
     import json
 
-    from sr_ray.train.tracking import mlflow_client
+    from sr_ray.tracking import mlflow_client
 
     provenance = json.loads((Path(run_dir) / "provenance.json").read_text())
     client = mlflow_client(provenance["tracking_uri"])

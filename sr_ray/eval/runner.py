@@ -35,7 +35,7 @@ from sr_ray.eval.plots import plot_asr, plot_attack_losses, plot_categories
 from sr_ray.eval.variants import parse_attacks, with_attacks
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
 from sr_ray.reminder.shipped import default_bundle
-from sr_ray.train.tracking import pinned_uri, tracking_uri_for
+from sr_ray.tracking import pinned_uri, tracking_uri_for
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def _load_parts(args, vlm):
         args.bundle = default_bundle(args.model)
     if args.bundle:
         if args.bundle.startswith("models:/"):
-            from sr_ray.train.tracking import resolve_bundle
+            from sr_ray.tracking import resolve_bundle
 
             args.bundle = str(resolve_bundle(args.bundle))
         bundle = ReminderBundle.load(args.bundle, vlm)

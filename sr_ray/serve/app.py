@@ -60,7 +60,7 @@ def pin_bundle(cfg: ServeConfig) -> ServeConfig:
     the driver: every replica then loads that version, even if the alias moves while they start."""
     if not (cfg.bundle or "").startswith("models:/"):
         return cfg
-    from sr_ray.train.tracking import pinned_uri
+    from sr_ray.tracking import pinned_uri
 
     return dataclasses.replace(cfg, bundle=pinned_uri(cfg.bundle, cfg.tracking_uri))
 

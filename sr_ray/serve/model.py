@@ -51,7 +51,7 @@ class Admission:
 def resolve_bundle_dir(source: str, tracking_uri: str | None = None) -> Path:
     """A bundle directory, or an MLflow model URI (`models:/<name>/<version>`) downloaded to one."""
     if "://" in source or source.startswith("models:/"):
-        from sr_ray.train.tracking import resolve_bundle
+        from sr_ray.tracking import resolve_bundle
 
         return Path(resolve_bundle(source, tracking_uri=tracking_uri))
     path = Path(source)

@@ -9,10 +9,10 @@
 from sr_ray.train.config import ProbeFitConfig, RecordSelection, RolloutConfig, SaptConfig, load_config
 from sr_ray.train.probe_fit import run_fit_probe
 from sr_ray.train.rollout import run_rollout
-from sr_ray.train.tracking import default_tracking_uri, log_bundle, resolve_bundle
+from sr_ray.train.pyfunc import log_bundle
 from sr_ray.train.trainer import run_sapt
 
 __all__ = [
-    "ProbeFitConfig", "RecordSelection", "RolloutConfig", "SaptConfig", "default_tracking_uri", "load_config",
-    "log_bundle", "resolve_bundle", "run_fit_probe", "run_rollout", "run_sapt",
+    "ProbeFitConfig", "RecordSelection", "RolloutConfig", "SaptConfig", "load_config", "log_bundle",
+    "run_fit_probe", "run_rollout", "run_sapt",
 ]

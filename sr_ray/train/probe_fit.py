@@ -92,7 +92,7 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
 
     from sr_ray.reminder import HarmProbe
     from sr_ray.runtime import ensure_ray
-    from sr_ray.train import tracking
+    from sr_ray import tracking
     from sr_ray.train.plots import plot_roc
 
     out_dir = cfg.path(cfg.out_dir, "probe")

@@ -59,7 +59,7 @@ def to_preferences(answers: pd.DataFrame, refusals: list[str], seed: int) -> pd.
 def run_rollout(cfg: RolloutConfig) -> Path:
     """Roll out, write the preference parquet (+ a summary JSON), log to MLflow; returns the parquet path."""
     from sr_ray.infer import InferenceConfig, run_inference
-    from sr_ray.train import tracking
+    from sr_ray import tracking
 
     out = cfg.path(cfg.out, "rollout/rollout.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def _data_checksum(data_dir: Path) -> str:
 
 def _mlflow_run(cfg: SaptConfig, tracking_uri: str, run_name: str, params: dict) -> str:
     """The MLflow run of this Ray Train run: reused when the run name is resumed, else created."""
-    from sr_ray.train import tracking
+    from sr_ray import tracking
 
     client = tracking.mlflow_client(tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
@@ -64,9 +64,9 @@ def pick_checkpoint(result, bundle_from: str):
 
 
 def metric_history(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    from sr_ray.train import tracking
+    from sr_ray.tracking import mlflow_client
 
-    client = tracking.mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     history = {}
     for key in client.get_run(run_id).data.metrics:
         points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
@@ -82,9 +82,11 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     from ray.train.torch import TorchTrainer
 
     from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+    from sr_ray import tracking
+    from sr_ray.data.manifest import log_manifest_input
     from sr_ray.runtime import ensure_ray, ray_runtime_env
-    from sr_ray.train import tracking
     from sr_ray.train.loop import train_loop
+    from sr_ray.train.pyfunc import log_bundle
     from sr_ray.train.plots import plot_training
     from sr_ray.train.preferences import load_preferences
 
@@ -101,7 +103,7 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     params = to_dict(cfg) | {"run_name": run_name, "probe_dir": str(probe_dir), "n_train": len(train), "n_val": len(val),
                              "n_quarantined": len(quarantined), "probe_fit": probe.fit_info}
     run_id = _mlflow_run(cfg, tracking_uri, run_name, params)
-    tracking.log_manifest_input(tracking_uri, run_id, cfg.path(cfg.data_dir, "data"), "training")
+    log_manifest_input(tracking_uri, run_id, cfg.path(cfg.data_dir, "data"), "training")
     client = tracking.mlflow_client(tracking_uri)
     if quarantined:
         (run_dir / "quarantine.jsonl").write_text("".join(json.dumps(vars(q)) + "\n" for q in quarantined))
@@ -145,8 +147,8 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
         client.log_artifact(run_id, str(path))
     client.set_tag(run_id, "base_weights_sha256", result.metrics.get("base_weights_sha256", ""))
     client.set_tag(run_id, "bundle_epoch", chosen["epoch"])
-    version = tracking.log_bundle(bundle_dir, cfg.registered_model, model=cfg.model, model_kwargs=cfg.model_kwargs,
-                                  run_id=run_id, tracking_uri=tracking_uri, aliases=cfg.model_aliases,
-                                  tags={"base_model_id": bundle.base_model_id, "data_checksum": bundle.data_checksum})
+    version = log_bundle(bundle_dir, cfg.registered_model, model=cfg.model, model_kwargs=cfg.model_kwargs,
+                         run_id=run_id, tracking_uri=tracking_uri, aliases=cfg.model_aliases,
+                         tags={"base_model_id": bundle.base_model_id, "data_checksum": bundle.data_checksum})
     client.set_terminated(run_id)
     return bundle_dir, run_id, version

@@ -1,6 +1,6 @@
 """Attacks on tiny-llava: the differentiable pixel path equals the processor, PGD lowers its objective within
-the L-inf ball and saves exactly the optimised pixels, adaptive PGD raises the probe's P(safe), GCG runs
-through nanogcg on transformers 5 and sees the prompt the evaluator sends; outputs are evaluation datasets."""
+the L-inf ball and saves exactly the optimised pixels, adaptive PGD raises the probe's P(safe), GCG (nanogcg
+on transformers 5) lowers the target loss on the prompt the evaluator sends; outputs are evaluation datasets."""
 
 from __future__ import annotations
 
@@ -74,13 +74,25 @@ def test_pgd_refuses_what_it_cannot_attack(llava):
         PixelPath(load_vlm("tiny-qwen2-vl"))
 
 
-def test_gcg_runs_nanogcg_on_the_prompt_the_evaluator_sends(tiny_vlm):
+def target_loss(vlm, goal: str, suffix: str, target: str) -> float:
+    """Mean CE of `target` after the prompt the evaluator sends (`f"{goal} {suffix}"`), one plain forward."""
+    prompt = vlm.tokenizer(vlm.render(Prompt(f"{goal} {suffix}")), add_special_tokens=False).input_ids
+    tail = vlm.tokenizer(target, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = vlm.model(input_ids=torch.tensor([prompt + tail])).logits[0, len(prompt) - 1 : -1]
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(tail)).item()
+
+
+def test_gcg_lowers_the_target_loss_on_the_prompt_the_evaluator_sends(tiny_vlm):
     tok = _text_tokenizer(tiny_vlm)
     rendered = tok.apply_chat_template([{"role": "user", "content": "Q? x x"}], tokenize=False, add_generation_prompt=True)
     assert rendered == tiny_vlm.render(Prompt("Q? x x"))
-    results, record = run_gcg(tiny_vlm, PAIRS[:1], GCGConfig(steps=2, search_width=8, topk=4, optim_str_init="x x x x"),
+    init = "x x x x"
+    results, record = run_gcg(tiny_vlm, PAIRS[:1], GCGConfig(steps=2, search_width=8, topk=4, optim_str_init=init),
                               progress=False)
-    assert results[0]["suffix"] and len(results[0]["losses"]) == 2
+    (goal, target), found = PAIRS[0], results[0]
+    assert len(found["losses"]) == 2 and found["best_loss"] == min(found["losses"]) and found["suffix"] != init
+    assert target_loss(tiny_vlm, goal, found["suffix"], target) < target_loss(tiny_vlm, goal, init, target) - 1e-3
     assert not torch.are_deterministic_algorithms_enabled()  # nanogcg's global switch is undone
     assert record["config"]["steps"] == 2
 

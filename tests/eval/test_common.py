@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 
 from sr_ray.eval.common import log_report, log_to_mlflow
 from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-from sr_ray.train.tracking import default_tracking_uri, log_bundle, pinned_uri, start_run
+from sr_ray.tracking import default_tracking_uri, pinned_uri, start_run
+from sr_ray.train.pyfunc import log_bundle
 
 
 def test_eval_metrics_are_linked_to_the_model_version(tmp_path):

@@ -101,6 +101,12 @@ def test_a_flagged_row_leaves_the_other_rows_untouched(tiny_vlm):
     plain = hf_greedy(tiny_vlm, ps)
     assert outs[1].flagged_at == 8 and not outs[0].flagged and not outs[2].flagged
     assert outs[0].prefix_ids == plain[0] and outs[2].prefix_ids == plain[2]
+    # the flagged row's continuation in the mixed batch is the one it gets alone, and the no-cache reference
+    solo = run(tiny_vlm, [ps[1]], ScriptedProbe(tiny_vlm.hidden_size, at=1, rows=(0,)), reminder_max_new_tokens=12)[0]
+    assert (outs[1].prefix_ids, outs[1].continuation_ids) == (solo.prefix_ids, solo.continuation_ids)
+    assert len(outs[1].continuation_ids) == 12
+    soft = SoftPrompt.from_text(tiny_vlm)
+    assert outs[1].continuation_ids == greedy_after(tiny_vlm, ps[1], outs[1].prefix_ids, soft(), 12)
 
 
 def test_short_answers_are_checked_at_eos(tiny_vlm):
@@ -142,6 +148,26 @@ def test_official_mode_reprefills_prompt_prefix_soft_and_returns_the_continuatio
     prompt_with_prefix = Prompt(ps[0].text, ps[0].image, answer_prefix=out.prefix_text)
     expected = greedy_after(tiny_vlm, prompt_with_prefix, [], soft(), 6)
     assert out.continuation_ids == expected, retok
+
+
+def test_official_mode_in_a_batch_gives_each_row_its_solo_output(tiny_vlm):
+    """Rows 0 and 2 flagged at the first check, row 1 never: the second pass re-prefills only the flagged rows
+    (as one left-padded batch) and every row comes back as it does alone."""
+    ps = prompts(3)
+    guard = GuardConfig(interval=INTERVAL, mode="official", schedule="official", check_at_end=False,
+                        reminder_max_new_tokens=6)
+    soft = SoftPrompt.from_text(tiny_vlm)
+    batched = GuardedGenerator(tiny_vlm, soft, ScriptedProbe(tiny_vlm.hidden_size, at=1, rows=(0, 2)), guard).generate(
+        ps, SamplingConfig(max_new_tokens=N_NEW))
+    for row, out in enumerate(batched):
+        probe = ScriptedProbe(tiny_vlm.hidden_size, at=1, rows=(0,) if row != 1 else ())
+        solo = GuardedGenerator(tiny_vlm, soft, probe, guard).generate([ps[row]], SamplingConfig(max_new_tokens=N_NEW))[0]
+        assert (out.text, out.prefix_ids, out.continuation_ids) == (solo.text, solo.prefix_ids, solo.continuation_ids)
+        assert (out.flagged_at, out.finish_reason, out.extra_prefill_tokens) == \
+               (solo.flagged_at, solo.finish_reason, solo.extra_prefill_tokens)
+    assert [o.flagged_at for o in batched] == [8, None, 8] and batched[1].continuation_ids == []
+    assert batched[1].prefix_ids == hf_greedy(tiny_vlm, ps)[1]
+    assert all(batched[r].continuation_ids and batched[r].text == batched[r].continuation_text for r in (0, 2))
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_vlm):

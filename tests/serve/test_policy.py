@@ -90,7 +90,8 @@ def test_reminder_from_dir_fresh_prompt_and_tampered_bundle(tiny_llava, tmp_path
 
 
 def test_reminder_from_mlflow_model_uri(tiny_llava, tmp_path, monkeypatch):
-    from sr_ray.train.tracking import default_tracking_uri, log_bundle, start_run
+    from sr_ray.tracking import default_tracking_uri, start_run
+    from sr_ray.train.pyfunc import log_bundle
 
     monkeypatch.setenv("SR_RAY_CACHE", str(tmp_path / "cache"))
     uri = default_tracking_uri(tmp_path / "mlflow")

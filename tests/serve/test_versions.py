@@ -16,7 +16,8 @@ from sr_ray.serve.api import create_api
 from sr_ray.serve.app import build_app, pin_bundle
 from sr_ray.serve.config import ScaleConfig, ServeConfig
 from sr_ray.serve.model import GuardedModel
-from sr_ray.train.tracking import default_tracking_uri, log_bundle, start_run
+from sr_ray.tracking import default_tracking_uri, start_run
+from sr_ray.train.pyfunc import log_bundle
 from tests.serve.conftest import constant_probe_bundle
 
 

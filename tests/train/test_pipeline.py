@@ -87,7 +87,7 @@ def pipeline(ray_session, tmp_path_factory):
 def client(pipeline):
     from mlflow import MlflowClient
 
-    from sr_ray.train import default_tracking_uri
+    from sr_ray.tracking import default_tracking_uri
 
     return MlflowClient(default_tracking_uri(pipeline["work"]))
 
@@ -171,7 +171,7 @@ def test_mlflow_run_has_config_step_metrics_and_plots(pipeline, client):
 def test_bundle_round_trips_through_mlflow_and_guards(pipeline):
     from sr_ray.models import Prompt, load_vlm
     from sr_ray.reminder import GuardedGenerator, ReminderBundle, SoftPrompt
-    from sr_ray.train import default_tracking_uri, resolve_bundle
+    from sr_ray.tracking import default_tracking_uri, resolve_bundle
 
     vlm = load_vlm(MODEL)
     local = resolve_bundle(f"models:/reminder-e2e/{pipeline['version']}",

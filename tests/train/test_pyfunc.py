@@ -14,7 +14,8 @@ from PIL import Image
 
 from sr_ray.models import Prompt, load_vlm
 from sr_ray.reminder import GuardedGenerator, HarmProbe, ReminderBundle, SamplingConfig, SoftPrompt
-from sr_ray.train.tracking import default_tracking_uri, log_bundle, start_run
+from sr_ray.tracking import default_tracking_uri, start_run
+from sr_ray.train.pyfunc import log_bundle
 
 
 @pytest.fixture(scope="module")

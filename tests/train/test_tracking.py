@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-from sr_ray.train.tracking import (
-    default_tracking_uri, ensure_experiment, git_commit, log_bundle, pinned_uri, resolve_bundle, start_run,
-    tracking_uri_for,
+from sr_ray.tracking import (
+    default_tracking_uri, ensure_experiment, git_commit, pinned_uri, resolve_bundle, start_run, tracking_uri_for,
 )
+from sr_ray.train.pyfunc import log_bundle
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_preprocess_manifest_is_the_runs_dataset_input(store, tmp_path):
     from mlflow import MlflowClient
 
     from sr_ray.data import manifest_checksum
-    from sr_ray.train.tracking import log_manifest_input
+    from sr_ray.data.manifest import log_manifest_input
 
     _, uri = store
     data = tmp_path / "data"

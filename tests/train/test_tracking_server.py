@@ -14,7 +14,8 @@ import torch
 
 from sr_ray.eval.common import log_to_mlflow
 from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-from sr_ray.train.tracking import log_bundle, pinned_uri, resolve_bundle, start_run
+from sr_ray.tracking import pinned_uri, resolve_bundle, start_run
+from sr_ray.train.pyfunc import log_bundle
 from tests.train.servers import MlflowServer, Postgres
 
 

@@ -21,7 +21,7 @@ from sr_ray.eval.attacks.dataset import write_attack_dataset
 from sr_ray.eval.attacks.gcg import GCGConfig, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, run_pgd
 from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, versions
-from sr_ray.train.tracking import tracking_uri_for
+from sr_ray.tracking import tracking_uri_for
 
 ATTACK_BENCHMARKS = {"pgd": "advbench_pgd", "pgd-adaptive": "advbench_pgd_adaptive", "gcg": "advbench_gcg"}
 CLEAN_GRAY = 128  # the start image when none is given (the official clean_image*.jpg is not released)
