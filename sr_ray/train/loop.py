@@ -113,8 +113,8 @@ def train_loop(config: dict) -> None:
                           cls_weight=cfg.cls_weight, max_target_tokens=cfg.max_target_tokens,
                           p_empty=cfg.p_empty_prefix, min_chars=cfg.min_prefix_chars)
     baseline = {k.replace("val/", "undefended/"): v for k, v in validate(None).items() if "lm_loss" not in k}
-    if start_epoch == 0:  # epoch 0 of the curves: before any training
-        mlflow.log_metrics(baseline | validate(current_prompt()), step=0)
+    if start_epoch == 0:  # step 0 of the curves: before any training
+        mlflow.log_metrics(baseline | validate(current_prompt()) | {"epochs_completed": 0}, step=0)
 
     for epoch in range(start_epoch, cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_rows))
@@ -141,7 +141,9 @@ def train_loop(config: dict) -> None:
         if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1:
             val = validate(current_prompt())
             val["val/score"] = val["val/refusal_rate_harmful"] + val["val/unchanged_rate_benign"]
-            mlflow.log_metrics(val, step=epoch + 1)
+            # One step axis for the run (optimizer steps, like train/*); `epochs_completed` at the same step
+            # says which epoch a validation point closes.
+            mlflow.log_metrics(val | {"epochs_completed": epoch + 1}, step=global_step)
         else:  # not validated: never picked as the bundle's epoch
             val = {"val/score": float("nan"), "val/lm_loss": float("nan")}
         means = (sums / max(steps_per_epoch, 1)).tolist()

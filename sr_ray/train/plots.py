@@ -31,11 +31,12 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 
 
 def plot_training(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
-    """Train losses per step, val L_LM and val rates per epoch; `history[key] = [(step or epoch, value)]`."""
+    """Train losses per step, val L_LM and val rates at the steps validation ran; `history[key] = [(step, value)]`."""
+    val_axis = "optimizer step (0 = before training)"
     panels = [
-        ("train losses", "step", ("train/lm_loss", "train/cls_loss", "train/total_loss")),
-        ("val L_LM", "epoch (0 = before training)", ("val/lm_loss",)),
-        ("val rates", "epoch (0 = before training)",
+        ("train losses", "optimizer step", ("train/lm_loss", "train/cls_loss", "train/total_loss")),
+        ("val L_LM", val_axis, ("val/lm_loss",)),
+        ("val rates", val_axis,
          ("val/refusal_rate_harmful", "val/unchanged_rate_benign", "val/flag_rate_harmful", "val/flag_rate_benign")),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))

@@ -162,8 +162,18 @@ def test_mlflow_run_has_config_step_metrics_and_plots(pipeline, client):
     # The cosine schedule continues across the restart: DeepSpeed restored the scheduler with the optimizer.
     lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr"))
     assert [v for _, v in lrs] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * s / steps)) for s, _ in lrs])
+    # val/* share the optimizer-step axis: step 0 before training, then the last step of each epoch, each
+    # point labelled by `epochs_completed` and written after that step's train metrics
+    per_epoch = 18 // 4
+    val_steps = [per_epoch * e for e in range(EPOCHS + 1)]
+    last = lambda key: {m.step: m for m in sorted(client.get_metric_history(run.info.run_id, key),  # noqa: E731
+                                                  key=lambda m: m.timestamp)}
+    assert {s: m.value for s, m in last("epochs_completed").items()} == {s: s // per_epoch for s in val_steps}
+    train_at = last("train/total_loss")
     for key in ("val/lm_loss", "val/refusal_rate_harmful", "val/unchanged_rate_benign"):
-        assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == list(range(EPOCHS + 1)), key
+        val_at = last(key)
+        assert sorted(val_at) == val_steps, key
+        assert all(val_at[s].timestamp >= train_at[s].timestamp for s in val_steps[1:]), key
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"training.png", "summary.json"}
     assert run.data.tags["bundle_epoch"] == str(pipeline["summary"]["bundle_epoch"])
 
