@@ -30,10 +30,16 @@ class AwarenessConfig:
 
 
 def awareness_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
-    """`limit` harmful and `limit` benign rows from the built-in benchmarks' rows, spread over benchmarks."""
+    """`limit` harmful and `limit` benign rows from the built-in benchmarks' rows, spread over benchmarks.
+
+    The harmful ones come from the attacked variants when the evaluation has any: the curve is about
+    jailbroken answers, and an aligned model refuses the plain asks within a few tokens."""
+    built_in = [r for r in rows if r["benchmark"].split("+")[0] in BENCHMARKS]
+    attacked = [r for r in built_in if r["label"] == "harmful" and r.get("attack")]
     picked = []
     for label in ("harmful", "benign"):
-        pool = [r for r in rows if r["benchmark"] in BENCHMARKS and r["label"] == label]
+        pool = attacked if label == "harmful" and attacked else [
+            r for r in built_in if r["label"] == label and not r.get("attack")]
         picked += sample_by_category(pool, limit, seed, category=lambda r: r["benchmark"])
     return picked
 
@@ -64,7 +70,8 @@ def raw_readings(vlm, probe, rows: dict, frame: pd.DataFrame, positions: pd.Data
             continue
         src = rows[r.key]
         with torch.no_grad():
-            e = vlm.embed(vlm.encode([Prompt(src["prompt"], decode_image(src.get("image")))]))
+            e = vlm.embed(vlm.encode([Prompt(src["prompt"], decode_image(src.get("image")),
+                                             answer_prefix=str(src.get("answer_prefix") or ""))]))
             hidden = answer_forward(vlm, e, [ids]).answer_hidden(0)
             p = probe.p_safe(hidden).cpu().numpy()
         for pos in want:
