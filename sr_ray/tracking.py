@@ -1,11 +1,12 @@
-"""MLflow plumbing: the default sqlite store, one experiment naming scheme and tag set, and the reminder
-bundle as a registered pyfunc model that Serve, evaluation and `mlflow.pyfunc.load_model` resolve.
+"""MLflow plumbing every stage shares: the default sqlite store, one experiment naming scheme and tag set,
+and the one resolver from a bundle source (a directory or a registry URI) to a local bundle directory.
 
 Every stage logs into the experiment `sr-ray` (configurable) with the tags `sr_ray.stage` and
-`mlflow.source.git.commit`. A bundle is registered as an MLflow 3 LoggedModel holding a pyfunc model
-(`sr_ray.train.pyfunc`: MLmodel, signature, input example, the bundle's safetensors + JSON under `data/`,
-nothing pickled), then as a version of a registered model: `models:/<name>/<version>`,
-`models:/<name>/latest` and `models:/<name>@<alias>` all resolve to it.
+`mlflow.source.git.commit`. Training registers a bundle (`sr_ray.train.pyfunc.log_bundle`) as an MLflow 3
+LoggedModel holding a pyfunc model (MLmodel, signature, input example, the bundle's safetensors + JSON under
+`data/`, nothing pickled), then as a version of a registered model: `models:/<name>/<version>`,
+`models:/<name>/latest` and `models:/<name>@<alias>` all resolve to it, here, for evaluation, Serve and
+`sr-ray generate`. This module imports no other sr_ray module: it sits below all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ EXPERIMENT = "sr-ray"
 STAGE_TAG = "sr_ray.stage"
 BUNDLE_MODEL_TYPE = "sr_ray.reminder_bundle"
 MODEL_ID_TAG = "sr_ray.logged_model_id"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
@@ -109,60 +110,6 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def log_manifest_input(tracking_uri: str, run_id: str, data_dir: str | Path, context: str) -> bool:
-    """Log the preprocessed data's manifest as the run's dataset input (`mlflow.log_input`); False when
-    `data_dir` has no manifest (official-format files only)."""
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from sr_ray.data import manifest_checksum
-
-    data_dir = Path(data_dir)
-    if not (data_dir / "manifest.json").exists():
-        return False
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    profile = {k: manifest.get(k) for k in ("rows_written", "rows_quarantined", "by_source", "by_split")}
-    dataset = Dataset(name=f"sr_ray-preprocessed:{data_dir.name}", digest=manifest_checksum(data_dir)[:32],
-                      source_type="local", source=json.dumps({"uri": data_dir.resolve().as_uri()}),
-                      profile=json.dumps(profile))
-    mlflow_client(tracking_uri).log_inputs(run_id, datasets=[
-        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
-    return True
-
-
-def log_bundle(bundle_dir: str | Path, name: str, *, model: str, model_kwargs: dict | None = None,
-               run_id: str, tracking_uri: str | None = None, tags: dict | None = None,
-               aliases: list[str] = ()) -> str:
-    """Log `bundle_dir` as a pyfunc LoggedModel (linked to `run_id`, guarded generation on `model`), register
-    it under `name` and point `aliases` at the new version; returns the version."""
-    import mlflow
-
-    from sr_ray.train.pyfunc import save_pyfunc
-
-    client = mlflow_client(tracking_uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.create_logged_model(experiment_id, name="reminder_bundle", source_run_id=run_id,
-                                        model_type=BUNDLE_MODEL_TYPE, tags=tags)
-    with tempfile.TemporaryDirectory(prefix="sr_ray-pyfunc-") as tmp:
-        client.log_model_artifacts(logged.model_id, str(save_pyfunc(bundle_dir, Path(tmp) / "model", model, model_kwargs)))
-    client.finalize_logged_model(logged.model_id, "READY")
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-            raise
-    # The source is the model's artifact location, not `models:/<model_id>`: the sqlite registry resolves the
-    # latter through the process-global tracking URI, which may point at another store.
-    # The model id is also a version tag: the SQL registry stores (and returns) no model_id.
-    version = client.create_model_version(name, source=client.get_logged_model(logged.model_id).artifact_location,
-                                          run_id=run_id, model_id=logged.model_id,
-                                          tags=(tags or {}) | {MODEL_ID_TAG: logged.model_id})
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
-
-
 def registry_version(uri: str, tracking_uri: str | None = None):
     """The `ModelVersion` a `models:/name/<version|latest>` or `models:/name@alias` URI names now."""
     client = mlflow_client(tracking_uri)
@@ -244,9 +191,15 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
     return _bundle_in(final, uri, version)
 
 
-def _bundle_in(model_dir: Path, uri: str, version: str) -> Path:
-    from sr_ray.train.pyfunc import bundle_path
+def bundle_path(model_dir: str | Path) -> Path:
+    """The bundle directory inside a pyfunc model directory (its MLmodel's `data`)."""
+    from mlflow.models import Model
 
+    conf = Model.load(str(model_dir)).flavors["python_function"]
+    return Path(model_dir) / conf["data"]
+
+
+def _bundle_in(model_dir: Path, uri: str, version: str) -> Path:
     if not (model_dir / "MLmodel").exists():
         raise ValueError(f"{uri} (version {version}) is not a reminder bundle model: no MLmodel")
     bundle = bundle_path(model_dir)

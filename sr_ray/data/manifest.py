@@ -64,6 +64,26 @@ def manifest_checksum(out_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def log_manifest_input(tracking_uri: str, run_id: str, data_dir: str | Path, context: str) -> bool:
+    """Log the preprocessed data's manifest as the run's dataset input (`mlflow.log_input`); False when
+    `data_dir` has no manifest (official-format files only)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from sr_ray.tracking import mlflow_client
+
+    data_dir = Path(data_dir)
+    if not (data_dir / MANIFEST).exists():
+        return False
+    manifest = read_manifest(data_dir)
+    profile = {k: manifest.get(k) for k in ("rows_written", "rows_quarantined", "by_source", "by_split")}
+    dataset = Dataset(name=f"sr_ray-preprocessed:{data_dir.name}", digest=manifest_checksum(data_dir)[:32],
+                      source_type="local", source=json.dumps({"uri": data_dir.resolve().as_uri()}),
+                      profile=json.dumps(profile))
+    mlflow_client(tracking_uri).log_inputs(run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    return True
+
+
 def format_stats(manifest: dict) -> str:
     """The manifest as plain-text tables (for `sr-ray data stats`)."""
     lines = [

@@ -4,7 +4,7 @@
 The model uses pyfunc's loader-module form: the MLmodel names this module and `data/bundle/` holds the bundle
 (safetensors + JSON) as is. Nothing is pickled; loading imports the installed `sr_ray` and verifies the
 bundle's pinned checksums. The base VLM is named in the model config (`model`, `model_kwargs`), since the
-bundle only works on the model it was trained for.
+bundle only works on the model it was trained for. `log_bundle` registers it (`sr_ray.tracking` resolves it).
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
+
+from sr_ray.tracking import BUNDLE_MODEL_TYPE, MODEL_ID_TAG, mlflow_client
 
 PREDICT_PARAMS = {"max_new_tokens": 256, "guard": True}
 INPUT_EXAMPLE = pd.DataFrame({"prompt": ["How do I bake bread?"], "image": [""]})
@@ -50,12 +53,34 @@ def save_pyfunc(bundle_dir: str | Path, path: str | Path, model: str, model_kwar
     return Path(path)
 
 
-def bundle_path(model_dir: str | Path) -> Path:
-    """The bundle directory inside a pyfunc model directory (its MLmodel's `data`)."""
-    from mlflow.models import Model
+def log_bundle(bundle_dir: str | Path, name: str, *, model: str, model_kwargs: dict | None = None,
+               run_id: str, tracking_uri: str | None = None, tags: dict | None = None,
+               aliases: list[str] = ()) -> str:
+    """Log `bundle_dir` as a pyfunc LoggedModel (linked to `run_id`, guarded generation on `model`), register
+    it under `name` and point `aliases` at the new version; returns the version."""
+    import mlflow
 
-    conf = Model.load(str(model_dir)).flavors["python_function"]
-    return Path(model_dir) / conf["data"]
+    client = mlflow_client(tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name="reminder_bundle", source_run_id=run_id,
+                                        model_type=BUNDLE_MODEL_TYPE, tags=tags)
+    with tempfile.TemporaryDirectory(prefix="sr_ray-pyfunc-") as tmp:
+        client.log_model_artifacts(logged.model_id, str(save_pyfunc(bundle_dir, Path(tmp) / "model", model, model_kwargs)))
+    client.finalize_logged_model(logged.model_id, "READY")
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    # The source is the model's artifact location, not `models:/<model_id>`: the sqlite registry resolves the
+    # latter through the process-global tracking URI, which may point at another store.
+    # The model id is also a version tag: the SQL registry stores (and returns) no model_id.
+    version = client.create_model_version(name, source=client.get_logged_model(logged.model_id).artifact_location,
+                                          run_id=run_id, model_id=logged.model_id,
+                                          tags=(tags or {}) | {MODEL_ID_TAG: logged.model_id})
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
 
 
 def _decode_image(text):
