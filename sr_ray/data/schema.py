@@ -7,7 +7,6 @@ before the shards are written, and rows with a `quarantine_reason` go to `quaran
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
@@ -49,16 +48,6 @@ class Record:
     judge_label: str | None  # safetyreminder_responses only: "safe" | "unsafe" | "unknown" for `reference`
     chat_prompt: str | None = None  # optional tokenise stage: `prompt` after the model's chat template
     input_ids: list[int] | None = None  # optional tokenise stage
-
-    def pil_image(self):
-        """The image as a loaded PIL image, or None for text-only records."""
-        if self.image is None:
-            return None
-        from PIL import Image
-
-        with Image.open(io.BytesIO(self.image)) as im:
-            im.load()
-            return im.copy()
 
     @classmethod
     def from_row(cls, row: dict) -> "Record":

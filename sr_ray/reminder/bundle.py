@@ -8,7 +8,7 @@ its two parts so a swapped file is caught at load time.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sr_ray.reminder.artifacts import META, ArtifactError
@@ -55,6 +55,3 @@ class ReminderBundle:
         probe = HarmProbe.load(directory / "probe", vlm)
         return cls(soft_prompt, probe, info["base_model_id"], info["interval"], info["threshold"],
                    info.get("data_checksum", ""))
-
-    def describe(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("soft_prompt", "probe")}

@@ -31,9 +31,6 @@ class HarmProbe:
         w = self.weight.to(hidden.device)
         return torch.sigmoid(hidden.float() @ w + self.bias)
 
-    def flags(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.p_safe(hidden) < self.threshold
-
     @classmethod
     def fit(
         cls, features: torch.Tensor | np.ndarray, safe: torch.Tensor | np.ndarray, *,

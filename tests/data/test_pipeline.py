@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
 import pytest
+from PIL import Image
 
 from sr_ray.data import PreprocessConfig, load_records, manifest_checksum, run_preprocess
 from sr_ray.data.manifest import QUARANTINE
@@ -56,7 +58,7 @@ def test_records_are_model_ready(small_run):
     for record in records:
         assert record.prompt.strip() and record.label in ("harmful", "benign") and record.split in ("train", "val", "test")
         if record.image is not None:
-            image = record.pil_image()
+            image = Image.open(io.BytesIO(record.image))
             assert image.mode == "RGB" and max(image.size) <= 768
     typo = load_records(out, source="mmsafetybench", variant="typo")
     assert typo and all(r.image is not None and r.image_sha256 for r in typo)
