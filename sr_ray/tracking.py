@@ -66,7 +66,7 @@ def ensure_experiment(name: str, tracking_uri: str, artifact_location: str | Pat
     """Experiment id of `name`, created if needed, always with an explicit artifact root.
 
     For a sqlite store the default root is `<db dir>/mlartifacts/<name>`; without it, artifacts logged from a
-    Ray worker land in that worker's temporary directory (environment.md §5).
+    Ray worker land in that worker's temporary directory (MLflow resolves `./mlruns` against the worker's cwd).
     """
     client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(name)

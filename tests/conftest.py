@@ -22,7 +22,7 @@ def tiny_vlm(request):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run. 4 logical CPUs on 2 cores: Ray Train workers and Ray Data
-    tasks can then run side by side (2 CPUs deadlock, see reference/environment.md)."""
+    tasks can then run side by side (with 2, two 1-CPU train workers leave none for Ray Data: the run hangs)."""
     import ray
 
     from sr_ray.runtime import ray_runtime_env

@@ -310,7 +310,12 @@ class GuardedGenerator:
             row.done, row.finish_reason = True, reason
 
     def official_followup(self, prompts: list[Prompt], firsts: list[_Row]) -> tuple[Embedded, list[_Row], list[int]]:
-        """Official flag handling: re-prefill template + decoded prefix + soft prompt, decode unguarded."""
+        """Official flag handling: re-prefill template + decoded prefix + soft prompt, decode unguarded.
+
+        Not token-exact with the official LLaVA second pass: it appends the soft tokens as text,
+        `" " + " ".join(["<soft_prompt>"] * 4)` (`prompt_tuning.py:541-550`), so depending on the tokenizer
+        whitespace tokens can sit before and between them. Here the k embeddings follow the prefix's last
+        token directly, as in every check and in SAPT training."""
         tok = self.vlm.tokenizer
         again = [replace(p, answer_prefix=tok.decode(r.answer, skip_special_tokens=True))
                  for p, r in zip(prompts, firsts)]

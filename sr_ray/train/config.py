@@ -97,7 +97,8 @@ class RolloutConfig(StageConfig):
 
 @dataclass
 class ProbeFitConfig(StageConfig):
-    """Harm probe on final-norm hidden states: PCA-20 -> first 4 -> logistic regression (spec §3)."""
+    """Harm probe on final-norm hidden states: PCA-20 -> first 4 -> logistic regression (the official
+    `script/SAPT/train_classfier.py`)."""
 
     data_dir: str | None = None  # None: <work_dir>/data
     out_dir: str | None = None  # None: <work_dir>/probe
@@ -117,7 +118,7 @@ class ProbeFitConfig(StageConfig):
 
 @dataclass
 class SaptConfig(StageConfig):
-    """Safety-Activation Prompt Tuning on Ray Train + DeepSpeed (spec §4)."""
+    """Safety-Activation Prompt Tuning on Ray Train + DeepSpeed (the official `script/SAPT/train.py`)."""
 
     train_data: list[str] = field(default_factory=list)  # rollout parquet / official JSON(L); []: <work_dir>/rollout/rollout.parquet
     probe: str | None = None  # probe dir; None: <work_dir>/probe/probe

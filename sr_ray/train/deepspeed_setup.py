@@ -1,4 +1,4 @@
-"""DeepSpeed without just-in-time C++ builds (environment.md §2), called inside every Ray Train worker.
+"""DeepSpeed without just-in-time C++ builds, called inside every Ray Train worker.
 
 On CPU, `deepspeed.initialize` would compile the `deepspeed_shm_comm` op (~70 s) and a config AdamW would
 compile `fused_adam` (~95 s). The op is marked incompatible before init, and the optimizer is a client
