@@ -163,7 +163,7 @@ def resolve_bundle(uri: str, tracking_uri: str | None = None, cache_dir: str | P
     if Path(uri).expanduser().is_dir():
         return Path(uri).expanduser().resolve()
     if not uri.startswith("models:/"):
-        raise FileNotFoundError(f"reminder bundle {uri!r}: not a directory and not a models:/ URI")
+        raise FileNotFoundError(f"reminder bundle {uri!r} is not a directory or an MLflow models:/ URI")
     found = registry_version(uri, tracking_uri)
     name, version = found.name, str(found.version)
     cache = Path(cache_dir or os.environ.get("SR_RAY_CACHE") or Path.home() / ".cache" / "sr_ray") / "bundles"

@@ -1,4 +1,4 @@
-"""Plumbing shared by evaluation and attacks: bundles, preprocessed data, provenance and MLflow logging."""
+"""Plumbing shared by evaluation and attacks: preprocessed data, provenance and MLflow logging."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sr_ray.tracking import EXPERIMENT
-
-
-def resolve_bundle_dir(uri: str | None, tracking_uri: str | None) -> str | None:
-    """A local bundle directory for a directory or a `models:/NAME/VERSION` URI (None stays None)."""
-    if not uri:
-        return None
-    from sr_ray.tracking import resolve_bundle
-
-    return str(resolve_bundle(uri, tracking_uri))
 
 
 def prepared_data(data_dir: str | None, processed_dir: str | None, out: Path, sources: list[str],

@@ -26,7 +26,7 @@ from sr_ray.eval.awareness import AwarenessConfig, awareness_rows, run_awareness
 from sr_ray.eval.benchmarks import (
     BENCHMARK_ORDER, BENCHMARKS, benchmark_rows, default_inline_typography, preprocess_selection, sample_by_category,
 )
-from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, versions
+from sr_ray.eval.common import log_to_mlflow, prepared_data, versions
 from sr_ray.judges import make_judge
 from sr_ray.eval.metrics import (
     add_changed, add_views, category_metrics, clean_json, compute_metrics, judge_views, metrics_table,
@@ -35,7 +35,7 @@ from sr_ray.eval.plots import plot_asr, plot_attack_losses, plot_categories
 from sr_ray.eval.variants import parse_attacks, with_attacks
 from sr_ray.infer import SYSTEMS, InferenceConfig, run_inference
 from sr_ray.reminder.shipped import default_bundle
-from sr_ray.tracking import pinned_uri, tracking_uri_for
+from sr_ray.tracking import pinned_uri, resolve_bundle, tracking_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri_for(out, cfg.tracking_uri)
     bundle_uri = cfg.bundle and pinned_uri(cfg.bundle, tracking_uri)  # an alias / latest resolved once
-    bundle_dir = resolve_bundle_dir(bundle_uri, tracking_uri)
+    bundle_dir = str(resolve_bundle(bundle_uri, tracking_uri)) if bundle_uri else None
     _init_ray(cfg.num_cpus)
     _phase("preparing data", started)
     rows, processed = collect_rows(cfg, out)

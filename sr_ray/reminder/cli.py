@@ -36,15 +36,12 @@ def add_commands(sub, bench) -> None:
 def _load_parts(args, vlm):
     from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
     from sr_ray.reminder.shipped import default_bundle
+    from sr_ray.tracking import resolve_bundle
 
     if not args.bundle and not (args.soft_prompt and args.probe):
         args.bundle = default_bundle(args.model)
     if args.bundle:
-        if args.bundle.startswith("models:/"):
-            from sr_ray.tracking import resolve_bundle
-
-            args.bundle = str(resolve_bundle(args.bundle))
-        bundle = ReminderBundle.load(args.bundle, vlm)
+        bundle = ReminderBundle.load(resolve_bundle(args.bundle), vlm)
         return bundle.soft_prompt, bundle.probe, bundle.guard_config()
     if args.soft_prompt and args.probe:
         from sr_ray.reminder import GuardConfig

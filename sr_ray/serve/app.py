@@ -90,11 +90,11 @@ def preflight(cfg: ServeConfig) -> None:
     `models:/` URI is resolved through MLflow), the audit log's directory created."""
     from sr_ray.reminder import HarmProbe, ReminderBundle
     from sr_ray.serve.audit import node_path
-    from sr_ray.serve.model import resolve_bundle_dir
+    from sr_ray.tracking import resolve_bundle
 
     cfg.validate()
     if cfg.bundle:
-        ReminderBundle.load(resolve_bundle_dir(cfg.bundle, cfg.tracking_uri))
+        ReminderBundle.load(resolve_bundle(cfg.bundle, cfg.tracking_uri))
     elif cfg.probe:
         HarmProbe.load(cfg.probe)
     if cfg.audit_log:

@@ -19,7 +19,6 @@ import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from ray import serve
@@ -31,6 +30,7 @@ from sr_ray.runtime import quiet_third_party
 from sr_ray.serve.config import ServeConfig
 from sr_ray.serve.holdback import Releaser
 from sr_ray.serve.policy import GuardChoice
+from sr_ray.tracking import resolve_bundle
 
 
 @dataclass
@@ -48,22 +48,10 @@ class Admission:
     error: str | None = None  # set when the request is refused (answered with 400)
 
 
-def resolve_bundle_dir(source: str, tracking_uri: str | None = None) -> Path:
-    """A bundle directory, or an MLflow model URI (`models:/<name>/<version>`) downloaded to one."""
-    if "://" in source or source.startswith("models:/"):
-        from sr_ray.tracking import resolve_bundle
-
-        return Path(resolve_bundle(source, tracking_uri=tracking_uri))
-    path = Path(source)
-    if not path.is_dir():
-        raise FileNotFoundError(f"reminder bundle {source!r} is not a directory or an MLflow models:/ URI")
-    return path
-
-
 def load_reminder(cfg: ServeConfig, vlm) -> tuple[SoftPrompt, HarmProbe, GuardConfig] | None:
     """The bundle (checksums verified by `ReminderBundle.load`), or a fresh soft prompt + a given probe."""
     if cfg.bundle:
-        bundle = ReminderBundle.load(resolve_bundle_dir(cfg.bundle, cfg.tracking_uri), vlm)
+        bundle = ReminderBundle.load(resolve_bundle(cfg.bundle, cfg.tracking_uri), vlm)
         return bundle.soft_prompt, bundle.probe, bundle.guard_config(mode=cfg.guard.mode)
     if cfg.probe:
         probe = HarmProbe.load(cfg.probe, vlm)

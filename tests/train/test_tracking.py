@@ -85,7 +85,7 @@ def test_bundle_round_trips_through_the_registry(store, tmp_path):
 
 def test_resolve_bundle_errors(store, tmp_path):
     _, uri = store
-    with pytest.raises(FileNotFoundError, match="not a directory and not a models:/ URI"):
+    with pytest.raises(FileNotFoundError, match="is not a directory or an MLflow models:/ URI"):
         resolve_bundle(str(tmp_path / "missing"))
     with pytest.raises(Exception, match="no-such-model"):
         resolve_bundle("models:/no-such-model/latest", tracking_uri=uri)

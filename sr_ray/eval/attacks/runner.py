@@ -20,8 +20,8 @@ from sr_ray.config_types import build
 from sr_ray.eval.attacks.dataset import write_attack_dataset
 from sr_ray.eval.attacks.gcg import GCGConfig, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, run_pgd
-from sr_ray.eval.common import log_to_mlflow, prepared_data, resolve_bundle_dir, versions
-from sr_ray.tracking import tracking_uri_for
+from sr_ray.eval.common import log_to_mlflow, prepared_data, versions
+from sr_ray.tracking import resolve_bundle, tracking_uri_for
 
 ATTACK_BENCHMARKS = {"pgd": "advbench_pgd", "pgd-adaptive": "advbench_pgd_adaptive", "gcg": "advbench_gcg"}
 CLEAN_GRAY = 128  # the start image when none is given (the official clean_image*.jpg is not released)
@@ -84,7 +84,7 @@ def run_attack(cfg: AttackConfig) -> Path:
     processed = prepared_data(cfg.data_dir, cfg.processed_dir, out, ["advbench"], None, executor="loop")
     test = advbench_pairs(processed, "test", cfg.n_test)
     vlm = load_vlm(cfg.model)
-    bundle_dir = resolve_bundle_dir(cfg.bundle, tracking_uri) if cfg.attack == "pgd-adaptive" else None
+    bundle_dir = str(resolve_bundle(cfg.bundle, tracking_uri)) if cfg.attack == "pgd-adaptive" and cfg.bundle else None
     bundle = ReminderBundle.load(bundle_dir, vlm) if bundle_dir else None
     benchmark = ATTACK_BENCHMARKS[cfg.attack]
     info = dict(benchmark=benchmark, attack=cfg.attack, model=vlm.model_id, bundle=cfg.bundle, bundle_dir=bundle_dir,
