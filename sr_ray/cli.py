@@ -89,5 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"sr-ray {args.command}: error: {err}\n")
 
 
+def pipeline_main(script: str, description: str, add_arguments, func, argv: list[str] | None = None) -> int:
+    """Entry of `pipelines/<script>` (a `ray job submit` entrypoint): the subcommand's flags (`add_arguments`)
+    and its config check, a mistake exiting 2 before any work as `sr-ray` does."""
+    from sr_ray.config_types import ConfigError
+    from sr_ray.runtime import quiet_third_party
+
+    quiet_third_party()
+    parser = argparse.ArgumentParser(prog=f"pipelines/{script}", description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(func(args) or 0)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,16 +20,27 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type or outside its range."""
 
 
-def build(cls, values: dict, where: str = ""):
-    """`cls(**values)` with unknown keys refused and each value checked (and converted) to its field type."""
+def build(cls, values: dict, where: str = "", base=None):
+    """`cls(**values)` with unknown keys refused and each value checked (and converted) to its field type.
+
+    A mapping given for a section whose default is a dataclass instance (e.g. a `field(default_factory=...)`
+    with its own values) changes only the keys it names: the rest keep that instance's values, as they do
+    for `base`, the instance this one starts from."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {_shown(values)}")
     hints = _hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: unknown keys {unknown}; known: {sorted(fields)}")
-    checked = {key: check(value, hints[key], f"{where}{key}") for key, value in values.items()}
+        raise ConfigError(f"unknown keys {[where + k for k in unknown]}; "
+                          f"valid keys{' of ' + where.rstrip('.') if where else ''}: {sorted(fields)}")
+    checked = {f.name: getattr(base, f.name) for f in fields.values()} if base is not None else {}
+    for key, value in values.items():
+        default = getattr(base, key) if base is not None else _default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            checked[key] = build(type(default), value, f"{where}{key}.", default)
+        else:
+            checked[key] = check(value, hints[key], f"{where}{key}")
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in checked
                      and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     if missing:
@@ -38,6 +49,12 @@ def build(cls, values: dict, where: str = ""):
         return cls(**checked)
     except ConfigError as err:  # a range check in __post_init__: say which section
         raise ConfigError(f"{where}{err}" if where else str(err)) from None
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 @functools.cache
