@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from sr_ray import cli
+from sr_ray.config import load
 from sr_ray.config_types import ConfigError
 from sr_ray.train.cli import stage_config
-from sr_ray.train.config import SaptConfig, load_config
+from sr_ray.train.config import SaptConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_set_values_arrive_typed():
     parser = cli.build_parser(cli.modules_for("train"))
     cfg = stage_config("train", parser.parse_args(["train", "--config", "", "--set", "lr=2e-4", "--set", "epochs=3"]))
     assert cfg.lr == 2e-4 and isinstance(cfg.lr, float) and cfg.epochs == 3  # YAML 1.1 reads 2e-4 as a string
-    cfg = load_config(SaptConfig, None, section="train", overrides={"betas": [0.8, 0.9], "harmful": None})
+    cfg = load(SaptConfig, overrides={"betas": [0.8, 0.9], "run_name": None})
     assert cfg.betas == (0.8, 0.9)
 
 

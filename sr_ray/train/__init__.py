@@ -6,13 +6,13 @@
     bundle_dir, run_id, version = run_sapt(SaptConfig(train_data=[str(rollout)], probe=str(probe_dir)))
 """
 
-from sr_ray.train.config import ProbeFitConfig, RecordSelection, RolloutConfig, SaptConfig, load_config
+from sr_ray.train.config import ProbeFitConfig, RecordSelection, RolloutConfig, SaptConfig
 from sr_ray.train.probe_fit import run_fit_probe
 from sr_ray.train.rollout import run_rollout
 from sr_ray.train.pyfunc import log_bundle
 from sr_ray.train.trainer import run_sapt
 
 __all__ = [
-    "ProbeFitConfig", "RecordSelection", "RolloutConfig", "SaptConfig", "load_config", "log_bundle",
-    "run_fit_probe", "run_rollout", "run_sapt",
+    "ProbeFitConfig", "RecordSelection", "RolloutConfig", "SaptConfig", "log_bundle", "run_fit_probe", "run_rollout",
+    "run_sapt",
 ]

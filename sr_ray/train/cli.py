@@ -1,11 +1,11 @@
-"""`sr-ray rollout`, `sr-ray fit-probe`, `sr-ray train`: YAML config < --preset < flags < --set key=value."""
+"""`sr-ray rollout`, `sr-ray fit-probe`, `sr-ray train`: YAML config < --preset < flags < --set a.b=value."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-import yaml
+from sr_ray.config import add_arguments, flag, from_args
 
 STAGES = {
     # command: (config class name, preset section, default config file, help)
@@ -15,25 +15,12 @@ STAGES = {
 }
 
 
-def _assignment(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
-
-
 def stage_config(command: str, args: argparse.Namespace):
     """The stage's dataclass config from the parsed arguments."""
     from sr_ray.train import config as config_module
 
     cls_name, section, _, _ = STAGES[command]
-    path = config_module.config_file(args.config) if args.config else None  # "": the dataclass defaults
-    overrides = {k: getattr(args, k) for k in ("model", "work_dir", "tracking_uri", "data_dir") if hasattr(args, k)}
-    for key in ("num_workers", "epochs", "run_name"):
-        overrides[key] = getattr(args, key, None)
-    overrides.update(dict(args.set or []))
-    return config_module.load_config(getattr(config_module, cls_name), path, preset=args.preset,
-                                     section=section, overrides=overrides)
+    return from_args(getattr(config_module, cls_name), args, section)
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
@@ -66,20 +53,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """The flags of one stage (shared by `sr-ray <command>` and `pipelines/*.py`)."""
-    default_config = STAGES[command][2]
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
-    p.add_argument("--preset", help="GPU/cluster preset: a name under configs/presets/ or a path")
-    p.add_argument("--model", help="VLM: tiny-llava | tiny-qwen2-vl | smol-llava | hub id | local dir")
-    p.add_argument("--work-dir", help="outputs and the default MLflow store (sqlite:///<work-dir>/mlflow.db)")
-    p.add_argument("--tracking-uri", help="any MLflow tracking URI (default: the sqlite store in --work-dir)")
+    _, section, default_config, _ = STAGES[command]
+    add_arguments(p, default_config, section)
+    flag(p, "--model", help="VLM: tiny-llava | tiny-qwen2-vl | smol-llava | hub id | local dir")
+    flag(p, "--work-dir", help="outputs and the default MLflow store (sqlite:///<work-dir>/mlflow.db)")
+    flag(p, "--tracking-uri", help="any MLflow tracking URI (default: the sqlite store in --work-dir)")
     if command == "train":
-        p.add_argument("--num-workers", type=int, help="Ray Train workers")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--run-name", help="reuse a previous run's name to resume it from its last checkpoint")
+        flag(p, "--num-workers", type=int, help="Ray Train workers")
+        flag(p, "--epochs", type=int)
+        flag(p, "--run-name", help="reuse a previous run's name to resume it from its last checkpoint")
     else:
-        p.add_argument("--data-dir", help="preprocessed data (sr-ray preprocess --out)")
-    p.add_argument("--set", type=_assignment, action="append", metavar="KEY=VALUE",
-                   help="override any config field (YAML value), repeatable")
+        flag(p, "--data-dir", help="preprocessed data (sr-ray preprocess --out)")
 
 
 COMMANDS = {"rollout": cmd_rollout, "fit-probe": cmd_fit_probe, "train": cmd_train}
@@ -88,18 +72,10 @@ PIPELINE_SCRIPTS = {"rollout": "rollout.py", "fit-probe": "fit_probe.py", "train
 
 def pipeline_main(command: str, argv: list[str] | None = None) -> int:
     """Entry of `pipelines/<stage>.py` (a `ray job submit` entrypoint): the same flags as the subcommand."""
-    from sr_ray.runtime import quiet_third_party
+    from sr_ray.cli import pipeline_main as run
 
-    quiet_third_party()
-    parser = argparse.ArgumentParser(prog=f"pipelines/{PIPELINE_SCRIPTS[command]}", description=STAGES[command][3])
-    add_stage_arguments(parser, command)
-    args = parser.parse_args(argv)
-    from sr_ray.config_types import ConfigError
-
-    try:
-        return COMMANDS[command](args)
-    except ConfigError as err:  # a usage error, found before any work started
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return run(PIPELINE_SCRIPTS[command], STAGES[command][3], lambda p: add_stage_arguments(p, command),
+               COMMANDS[command], argv)
 
 
 def cmd_align(args: argparse.Namespace) -> int:

@@ -1,11 +1,8 @@
-"""Typed configs of the three training stages, loaded from YAML (+ an optional preset + CLI overrides).
+"""Typed configs of the three training stages (read by `sr_ray.config.load`: YAML < preset < flags < --set).
 
 Dataclass defaults are the paper's (SafetyReminder §4: k=4, AdamW 1e-4 / wd 0.01, batch 4, 50 epochs,
 λ=0.05, 256+256 probe prompts). The YAML files in `configs/` size the runs for this machine (the CPU demo);
-the presets in `configs/presets/` size them for GPU clusters.
-
-A preset file has a top-level `model` (applied to every stage) and one section per stage
-(`rollout`, `fit_probe`, `train`); a stage config only takes its own section.
+the presets in `configs/presets/` size them for GPU clusters (sections `rollout`, `fit_probe`, `train`).
 """
 
 from __future__ import annotations
@@ -15,20 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from sr_ray.config_types import ConfigError, build, require
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def config_file(path: str | Path) -> Path:
-    """A config path as given, or, when it is relative and missing here, the source checkout's file of that
-    name: the default `configs/<stage>.yaml` works from any directory."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
-        return REPO_ROOT / path
-    return path
+from sr_ray.config_types import ConfigError, require
 
 OFFICIAL_REJECTED = "I'm sorry, but I cannot help with that."  # the official constant (DPO_dataset.py:24)
 DEFAULT_REFUSALS = [
@@ -177,29 +161,6 @@ class SaptConfig(StageConfig):
         require(self.batch_size % self.num_workers == 0,
                 f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
         require(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
-
-
-def resolve_preset(name: str) -> Path:
-    """A preset path, or a name under configs/presets/ (cwd first, then the repository)."""
-    for candidate in (Path(name), Path("configs/presets") / f"{name}.yaml", REPO_ROOT / "configs/presets" / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"preset {name!r}: no such file, nor configs/presets/{name}.yaml")
-
-
-def load_config(cls, path: str | Path | None = None, *, preset: str | None = None, section: str,
-                overrides: dict | None = None):
-    """YAML `path` < preset (`model` + its `section`) < `overrides` (None values ignored)."""
-    values = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-    if preset:
-        data = yaml.safe_load(resolve_preset(preset).read_text()) or {}
-        unknown = set(data) - {"model", "model_kwargs", "rollout", "fit_probe", "train"}
-        if unknown:
-            raise ConfigError(f"preset {preset}: unknown keys {sorted(unknown)}")
-        values.update({k: data[k] for k in ("model", "model_kwargs") if k in data})
-        values.update(data.get(section) or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build(cls, values)
 
 
 def to_dict(cfg) -> dict:

@@ -188,14 +188,15 @@ def test_cluster_image_python_and_the_package_agree():
 
 def test_gpu_presets_and_the_serve_deploy_file_reserve_gpus():
     """Every GPU stage asks Ray for a GPU per actor / worker / replica, so nothing lands on the CPU head."""
-    from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig, load_config
+    from sr_ray.config import load
+    from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
 
     hub_presets = [p for p in sorted((REPO / "configs/presets").glob("*.yaml"))
                    if yaml.safe_load(p.read_text())["model"] not in EMBEDDED]
     assert hub_presets
     for preset in hub_presets:
-        assert load_config(RolloutConfig, None, preset=str(preset), section="rollout").gpus_per_actor == 1
-        assert load_config(ProbeFitConfig, None, preset=str(preset), section="fit_probe").num_gpus == 1
-        assert load_config(SaptConfig, None, preset=str(preset), section="train").use_gpu
+        assert load(RolloutConfig, preset=str(preset), section="rollout").gpus_per_actor == 1
+        assert load(ProbeFitConfig, preset=str(preset), section="fit_probe").num_gpus == 1
+        assert load(SaptConfig, preset=str(preset), section="train").use_gpu
     [app] = yaml.safe_load((REPO / "configs/serve_deploy.yaml").read_text())["applications"]
     assert "model_deployment.num_gpus=1" in app["args"]["overrides"]

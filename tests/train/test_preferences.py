@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sr_ray.train.config import REPO_ROOT, ProbeFitConfig, RolloutConfig, SaptConfig, load_config
+from sr_ray.config import REPO_ROOT, load
+from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
 from sr_ray.train.preferences import PREFERENCE_COLUMNS, load_preferences, read_official, sample_prefix
 
 ANSWER = "Sure, here is how you do it. First you gather the materials, then you follow the steps carefully."
@@ -79,12 +80,12 @@ def test_official_format_rows_and_quarantine(tmp_path):
 
 def test_configs_yaml_preset_overrides(tmp_path):
     (tmp_path / "train.yaml").write_text("epochs: 3\nlr: 0.001\nnum_workers: 2\nbatch_size: 4\n")
-    cfg = load_config(SaptConfig, tmp_path / "train.yaml", preset="llava-1.5-7b", section="train",
+    cfg = load(SaptConfig, tmp_path / "train.yaml", preset="llava-1.5-7b", section="train",
                       overrides={"epochs": 7, "run_name": None})
     assert cfg.epochs == 7 and cfg.model == "llava-hf/llava-1.5-7b-hf" and cfg.bf16 and cfg.use_gpu
     assert cfg.lr == 1e-4  # the preset's paper value wins over the YAML
     with pytest.raises(ValueError, match="unknown keys"):
-        load_config(SaptConfig, None, section="train", overrides={"learning_rate": 1})
+        load(SaptConfig, None, section="train", overrides={"learning_rate": 1})
     with pytest.raises(ValueError, match="divisible"):
         SaptConfig(batch_size=3, num_workers=2)
 
@@ -93,7 +94,7 @@ def test_configs_yaml_preset_overrides(tmp_path):
 def test_shipped_configs_parse(preset):
     for cls, name, section in ((RolloutConfig, "rollout", "rollout"), (ProbeFitConfig, "fit_probe", "fit_probe"),
                                (SaptConfig, "train_sapt", "train")):
-        cfg = load_config(cls, REPO_ROOT / "configs" / f"{name}.yaml", preset=preset, section=section)
+        cfg = load(cls, REPO_ROOT / "configs" / f"{name}.yaml", preset=preset, section=section)
         assert isinstance(cfg, cls)
         if preset:
             assert cfg.model.endswith("-hf") or "Qwen" in cfg.model
