@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.set_defaults(config="configs/serve.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local one)")
     parser.add_argument("--block", action="store_true", help="keep the driver alive until Ctrl-C (always with a local Ray)")
     args = parser.parse_args(argv)

@@ -8,27 +8,24 @@ import sys
 
 import yaml
 
-from sr_ray.serve.config import load_config
+from sr_ray.config import add_arguments, flag, from_args
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file (configs/serve.yaml); defaults otherwise")
-    parser.add_argument("--model", help="tiny-llava | smol-llava | hub id | local dir")
-    parser.add_argument("--bundle", help="reminder bundle dir or MLflow models:/<name>/<version>")
-    parser.add_argument("--probe", help="probe dir (with a fresh soft prompt) when there is no bundle")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--no-guard", action="store_true", help="serve with the guard off (no reminder needed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set limits.max_tokens=128 (repeatable)")
+    add_arguments(parser, "configs/serve.yaml", "serve")
+    flag(parser, "--model", help="tiny-llava | smol-llava | hub id | local dir")
+    flag(parser, "--bundle", help="reminder bundle dir or MLflow models:/<name>/<version>")
+    flag(parser, "--probe", help="probe dir (with a fresh soft prompt) when there is no bundle")
+    flag(parser, "--host")
+    flag(parser, "--port", type=int)
+    flag(parser, "--no-guard", field="guard.enabled", action="store_false",
+         help="serve with the guard off (no reminder needed)")
 
 
 def config_from_args(args: argparse.Namespace):
-    overrides = [f"{k}={v}" for k in ("model", "bundle", "probe", "host", "port")
-                 if (v := getattr(args, k)) is not None]
-    if args.no_guard:
-        overrides.append("guard.enabled=false")
-    return load_config(args.config, overrides + args.set)
+    from sr_ray.serve.config import ServeConfig
+
+    return from_args(ServeConfig, args, "serve")
 
 
 def checked_config(args: argparse.Namespace):

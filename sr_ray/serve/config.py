@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from sr_ray.config_types import build, require
+from sr_ray.config_types import require
 
 
 @dataclass
@@ -182,27 +179,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
-
-
-def config_from_dict(data: dict) -> ServeConfig:
-    """Every key checked against its field's type (nested sections too) before anything starts."""
-    return build(ServeConfig, data)
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """`a.b=value` (value parsed as YAML) into the nested dict `data`."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {assignment!r}: expected key.path=value")
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(raw)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ServeConfig:
-    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return config_from_dict(data)

@@ -13,9 +13,9 @@ class to find the pydantic model.
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
+from sr_ray.config import config_file, load
 from sr_ray.serve.app import build_app
-from sr_ray.serve.config import load_config
-from sr_ray.train.config import config_file
+from sr_ray.serve.config import ServeConfig
 
 
 class ServeAppArgs(BaseModel):
@@ -29,4 +29,4 @@ class ServeAppArgs(BaseModel):
 
 def app_builder(args: ServeAppArgs) -> Application:
     path = config_file(args.config) if args.config else None
-    return build_app(load_config(path, args.overrides))
+    return build_app(load(ServeConfig, path, sets=args.overrides))

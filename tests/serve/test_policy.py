@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from sr_ray.config import load
 from sr_ray.reminder import ArtifactError
-from sr_ray.serve.config import ApiKey, GuardPolicy, ServeConfig, load_config
+from sr_ray.serve.config import ApiKey, GuardPolicy, ServeConfig
 from sr_ray.serve.model import load_reminder
 from sr_ray.serve.policy import ANONYMOUS, PolicyError, authenticate, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import SafetyOptions
@@ -62,16 +63,16 @@ def test_guard_without_reminder():
 
 
 def test_config_file_overrides_and_errors(tmp_path):
-    assert load_config(REPO / "configs" / "serve.yaml") == ServeConfig()
-    cfg = load_config(REPO / "configs" / "serve.yaml",
-                      ["model=tiny-llava", "limits.max_tokens=64", "guard.threshold_bounds=[0.2, 0.3]",
-                       "api_keys=[{id: a, sha256: ff, admin: true}]"])
+    assert load(ServeConfig, REPO / "configs" / "serve.yaml") == ServeConfig()
+    cfg = load(ServeConfig, REPO / "configs" / "serve.yaml",
+               sets=["model=tiny-llava", "limits.max_tokens=64", "guard.threshold_bounds=[0.2, 0.3]",
+                     "api_keys=[{id: a, sha256: ff, admin: true}]"])
     assert cfg.model == "tiny-llava" and cfg.limits.max_tokens == 64 and cfg.guard.threshold_bounds == (0.2, 0.3)
     assert cfg.api_keys == [ApiKey("a", "ff", True)]
-    with pytest.raises(ValueError, match="unknown keys \\['max_tokenz'\\]"):
-        load_config(None, ["limits.max_tokenz=3"])
+    with pytest.raises(ValueError, match="unknown keys \\['limits.max_tokenz'\\]"):
+        load(ServeConfig, sets=["limits.max_tokenz=3"])
     with pytest.raises(ValueError, match="expected key.path=value"):
-        load_config(None, ["limits"])
+        load(ServeConfig, sets=["limits"])
 
 
 def test_reminder_from_dir_fresh_prompt_and_tampered_bundle(tiny_llava, tmp_path):
