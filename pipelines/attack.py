@@ -9,17 +9,12 @@ Attacks run in the driver process (one model, gradient steps); on a GPU node giv
 
 from __future__ import annotations
 
-import argparse
-
+from sr_ray.cli import pipeline_main
 from sr_ray.eval.cli import add_attack_arguments, cmd_attack
-from sr_ray.runtime import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_attack_arguments(parser)
-    return cmd_attack(parser.parse_args(argv))
+    return pipeline_main("attack.py", __doc__.splitlines()[0], add_attack_arguments, cmd_attack, argv)
 
 
 if __name__ == "__main__":

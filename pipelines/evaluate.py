@@ -9,17 +9,12 @@ starts a local Ray. Same flags as `sr-ray evaluate`.
 
 from __future__ import annotations
 
-import argparse
-
+from sr_ray.cli import pipeline_main
 from sr_ray.eval.cli import add_evaluate_arguments, cmd_evaluate
-from sr_ray.runtime import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_evaluate_arguments(parser)
-    return cmd_evaluate(parser.parse_args(argv))
+    return pipeline_main("evaluate.py", __doc__.splitlines()[0], add_evaluate_arguments, cmd_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -5,54 +5,49 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _csv_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+from sr_ray.config import add_arguments, csv_list, flag, from_args
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """Overrides of `EvaluateConfig` (shared with pipelines/evaluate.py); None keeps the YAML/default."""
-    p.add_argument("--config", default="configs/evaluate.yaml",
-                   help="YAML with EvaluateConfig fields (default configs/evaluate.yaml; '' = the dataclass defaults)")
-    p.add_argument("--bundle", help="reminder bundle: a directory or models:/NAME/VERSION (default: the shipped one)")
-    p.add_argument("--data-dir", help="raw benchmark data laid out like shared/data (preprocessed into OUT/data)")
-    p.add_argument("--processed-dir", help="reuse an `sr-ray preprocess` output instead")
-    p.add_argument("--out", help="run directory (default runs/eval)")
-    p.add_argument("--model", help="VLM: smol-llava (default), tiny-llava, tiny-qwen2-vl, a hub id or directory")
-    p.add_argument("--systems", type=_csv_list, help="comma-separated: undefended,self_reminder,safety_reminder,safety_reminder_official")
-    p.add_argument("--benchmarks", type=_csv_list, help="comma-separated built-in benchmark keys (default: all)")
-    p.add_argument("--limit", type=int, help="rows per benchmark, spread over categories (0: all)")
-    p.add_argument("--attack-dir", dest="attack_dirs", action="append", help="an `sr-ray attack` output (repeatable)")
-    p.add_argument("--attacks", type=_csv_list,
-                   help="attack every harmful benchmark too: prefill,pgd=DIR -> <benchmark>+<attack> entries")
-    p.add_argument("--split", choices=["train", "val", "test", "all"],
-                   help="rows of this split (default test; all: a data directory no stage trained on)")
-    p.add_argument("--judge", help="rule (default) | llama-guard=PATH | md-judge=PATH")
-    p.add_argument("--inline-typography", action=argparse.BooleanOptionalAction, default=None,
-                   help="put FigStep/TYPO image text in the prompt (default: on for smol-llava)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--reminder-max-new-tokens", type=int)
-    p.add_argument("--interval", type=int)
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--concurrency", type=int, help="inference actors")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (1 on a GPU cluster)")
-    p.add_argument("--awareness-limit", type=int, help="answers per label for the delayed-awareness analysis (0: skip)")
-    p.add_argument("--awareness-max-new-tokens", type=int)
-    p.add_argument("--probe-roc", help="the probe's ROC PNG to include in the report")
-    p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite in OUT)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-cpus", type=int)
+    """`--config/--preset/--set` and the flags of `EvaluateConfig` (shared with pipelines/evaluate.py)."""
+    add_arguments(p, "configs/evaluate.yaml", "evaluate")
+    flag(p, "--bundle", help="reminder bundle: a directory or models:/NAME/VERSION (default: the shipped one)")
+    flag(p, "--data-dir", help="raw benchmark data laid out like shared/data (preprocessed into OUT/data)")
+    flag(p, "--processed-dir", help="reuse an `sr-ray preprocess` output instead")
+    flag(p, "--out", help="run directory (default runs/eval)")
+    flag(p, "--model", help="VLM: smol-llava (default), tiny-llava, tiny-qwen2-vl, a hub id or directory")
+    flag(p, "--systems", type=csv_list, help="comma-separated: undefended,self_reminder,safety_reminder,safety_reminder_official")
+    flag(p, "--benchmarks", type=csv_list, help="comma-separated built-in benchmark keys (default: all)")
+    flag(p, "--limit", type=int, help="rows per benchmark, spread over categories (0: all)")
+    flag(p, "--attack-dir", field="attack_dirs", action="append", help="an `sr-ray attack` output (repeatable)")
+    flag(p, "--attacks", type=csv_list,
+         help="attack every harmful benchmark too: prefill,pgd=DIR -> <benchmark>+<attack> entries")
+    flag(p, "--split", choices=["train", "val", "test", "all"],
+         help="rows of this split (default test; all: a data directory no stage trained on)")
+    flag(p, "--judge", help="rule (default) | llama-guard=PATH | md-judge=PATH")
+    flag(p, "--inline-typography", action=argparse.BooleanOptionalAction,
+         help="put FigStep/TYPO image text in the prompt (default: on for smol-llava)")
+    flag(p, "--max-new-tokens", type=int)
+    flag(p, "--reminder-max-new-tokens", type=int)
+    flag(p, "--interval", type=int)
+    flag(p, "--threshold", type=float)
+    flag(p, "--batch-size", type=int)
+    flag(p, "--concurrency", type=int, help="inference actors")
+    flag(p, "--gpus-per-actor", type=float, help="GPUs per inference actor (1 on a GPU cluster)")
+    flag(p, "--awareness-limit", field="awareness.limit", type=int,
+         help="answers per label for the delayed-awareness analysis (0: skip)")
+    flag(p, "--awareness-max-new-tokens", field="awareness.max_new_tokens", type=int)
+    flag(p, "--probe-roc", help="the probe's ROC PNG to include in the report")
+    flag(p, "--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite in OUT)")
+    flag(p, "--seed", type=int)
+    flag(p, "--num-cpus", type=int)
     p.add_argument("--no-report", dest="report", action="store_false", help="skip writing report.html/.md")
 
 
 def evaluate_config(args: argparse.Namespace):
-    """The YAML (`--config`; '' = none), then the flags that were given."""
     from sr_ray.eval.runner import EvaluateConfig
-    from sr_ray.train.config import config_file
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "report", "log_level")}
-    return EvaluateConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
+    return from_args(EvaluateConfig, args, "evaluate")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -83,44 +78,35 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     kinds = p.add_subparsers(dest="attack", required=True, metavar="ATTACK")
     for kind, help_text in ATTACKS.items():
         k = kinds.add_parser(kind, help=help_text, description=help_text)
-        k.add_argument("--config", default="configs/attack.yaml",
-                       help="YAML with AttackConfig fields (default configs/attack.yaml, CPU-sized; '' = the official settings)")
-        k.add_argument("--out")
-        k.add_argument("--data-dir")
-        k.add_argument("--processed-dir")
-        k.add_argument("--model")
-        k.add_argument("--tracking-uri")
-        k.add_argument("--n-test", type=int, help="AdvBench test goals written out (official 100)")
-        k.add_argument("--seed", type=int)
+        add_arguments(k, "configs/attack.yaml", "attack")
+        section = "gcg" if kind == "gcg" else "pgd"
+        flag(k, "--out")
+        flag(k, "--data-dir")
+        flag(k, "--processed-dir")
+        flag(k, "--model")
+        flag(k, "--tracking-uri")
+        flag(k, "--n-test", type=int, help="AdvBench test goals written out (official 100)")
+        flag(k, "--seed", field=f"{section}.seed", type=int)
         if kind == "gcg":
-            k.add_argument("--steps", type=int, help="GCG steps (official 500)")
-            k.add_argument("--search-width", type=int, help="GCG candidates per step (official 64)")
-            k.add_argument("--topk", type=int, help="GCG top-k tokens per position (official 64)")
+            flag(k, "--steps", field="gcg.steps", type=int, help="GCG steps (official 500)")
+            flag(k, "--search-width", field="gcg.search_width", type=int, help="GCG candidates per step (official 64)")
+            flag(k, "--topk", field="gcg.topk", type=int, help="GCG top-k tokens per position (official 64)")
             continue
         if kind == "pgd-adaptive":
-            k.add_argument("--bundle", help="the guarded pipeline under attack")
-        k.add_argument("--clean-image", help="PGD start image (default: uniform gray)")
-        k.add_argument("--n-train", type=int, help="AdvBench train goals (official 320)")
-        k.add_argument("--steps", type=int, help="PGD steps (official 3000)")
-        k.add_argument("--epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
-        k.add_argument("--step-size", type=float, help="PGD step (official 1/255)")
-        k.add_argument("--batch-size", type=int, help="PGD goals per step (official 4)")
+            flag(k, "--bundle", help="the guarded pipeline under attack")
+        flag(k, "--clean-image", help="PGD start image (default: uniform gray)")
+        flag(k, "--n-train", type=int, help="AdvBench train goals (official 320)")
+        flag(k, "--steps", field="pgd.steps", type=int, help="PGD steps (official 3000)")
+        flag(k, "--epsilon", field="pgd.epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
+        flag(k, "--step-size", field="pgd.step_size", type=float, help="PGD step (official 1/255)")
+        flag(k, "--batch-size", field="pgd.batch_size", type=int, help="PGD goals per step (official 4)")
 
 
 def attack_config(args: argparse.Namespace):
-    """The YAML (`--config`; '' = none), then the flags that were given."""
+    """The attack named by the subcommand, from `--config` (default configs/attack.yaml) and the flags."""
     from sr_ray.eval.attacks.runner import AttackConfig
-    from sr_ray.train.config import config_file
 
-    section = "gcg" if args.attack == "gcg" else "pgd"
-    flag = lambda name: getattr(args, name, None)  # noqa: E731  (each attack has only its own flags)
-    overrides = dict(attack=args.attack, out=args.out, data_dir=args.data_dir, processed_dir=args.processed_dir,
-                     model=args.model, bundle=flag("bundle"), tracking_uri=args.tracking_uri,
-                     clean_image=flag("clean_image"), n_train=flag("n_train"), n_test=args.n_test)
-    overrides |= {f"{section}_steps": args.steps, f"{section}_seed": args.seed, "pgd_epsilon": flag("epsilon"),
-                  "pgd_step_size": flag("step_size"), "pgd_batch_size": flag("batch_size"),
-                  "gcg_search_width": flag("search_width"), "gcg_topk": flag("topk")}
-    return AttackConfig.from_yaml(config_file(args.config) if args.config else None, **overrides)
+    return from_args(AttackConfig, args, "attack", attack=args.attack)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

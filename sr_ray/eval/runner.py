@@ -8,7 +8,6 @@ RUN_DIR layout (read by `sr-ray report`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,11 +15,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
-import yaml
 
-from sr_ray.config_types import build
+from sr_ray.config_types import require
 from sr_ray.eval.attacks.dataset import attack_rows, read_attack_info
 from sr_ray.eval.awareness import AwarenessConfig, awareness_rows, run_awareness
 from sr_ray.eval.benchmarks import (
@@ -52,8 +51,8 @@ class EvaluateConfig:
     attack_dirs: list[str] = field(default_factory=list)  # `sr-ray attack` outputs, evaluated as benchmarks
     # Attacks applied to every harmful benchmark as `<benchmark>+<attack>` variants: "prefill", "pgd=DIR".
     attacks: list[str] = field(default_factory=list)
-    split: str = "test"  # "all": every row (a data directory no stage trained on)
-    limit: int | None = 16  # rows per benchmark, spread over categories (None or 0: the whole test split)
+    split: Literal["train", "val", "test", "all"] = "test"  # "all": every row (a data directory no stage trained on)
+    limit: int | None = 8  # rows per benchmark, spread over categories (None or 0: the whole test split)
     seed: int = 0
     inline_typography: bool | None = None  # None: on for models that cannot read typography (smol-llava)
     judge: str = "rule"  # rule | llama-guard=PATH | md-judge=PATH
@@ -73,32 +72,17 @@ class EvaluateConfig:
     def __post_init__(self):
         self.limit = self.limit or None
         unknown = [s for s in self.systems if s not in SYSTEMS]
-        if unknown:
-            raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        require(not unknown, f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
-        if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; built-in: {list(BENCHMARKS)} (attacks: --attack-dir)")
-        if self.split not in ("train", "val", "test", "all"):
-            raise ValueError(f"split must be train, val, test or all, got {self.split!r}")
+        require(not unknown, f"unknown benchmarks {unknown}; built-in: {list(BENCHMARKS)} (attacks: --attack-dir)")
         self.bundle = self.bundle or default_bundle(self.model)
-        if self.bundle is None and any(s.startswith("safety_reminder") for s in self.systems):
-            raise ValueError(f"the safety_reminder systems need --bundle (a directory or models:/NAME/VERSION); "
-                             f"no bundle ships for {self.model!r}")
+        require(self.bundle is not None or not any(s.startswith("safety_reminder") for s in self.systems),
+                f"the safety_reminder systems need --bundle (a directory or models:/NAME/VERSION); "
+                f"no bundle ships for {self.model!r}")
         if not isinstance(self.awareness, AwarenessConfig):
             self.awareness = AwarenessConfig(**self.awareness)
         if "undefended" not in self.systems:  # the reference for changed_vs_undefended
             self.systems = ["undefended", *self.systems]
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, **overrides) -> "EvaluateConfig":
-        values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        awareness = {k.removeprefix("awareness_"): overrides.pop(k) for k in list(overrides) if k.startswith("awareness_")}
-        values["awareness"] = {**values.get("awareness", {}), **{k: v for k, v in awareness.items() if v is not None}}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return build(cls, values)  # every value checked against its field's type
 
 
 def _init_ray(num_cpus: int | None) -> None:

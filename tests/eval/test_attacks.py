@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sr_ray.config import load
 from sr_ray.eval.attacks.dataset import attack_rows
 from sr_ray.eval.attacks.gcg import GCGConfig, _text_tokenizer, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, PGDObjective, PixelPath, pgd_target, quantize, run_pgd
@@ -108,7 +109,7 @@ def test_attack_output_is_an_evaluation_dataset(pgd_attack_dir):
 def test_attack_config_overrides_and_validation(tmp_path):
     path = tmp_path / "attack.yaml"
     path.write_text("attack: pgd\npgd:\n  steps: 7\n  epsilon: 0.1\n")
-    cfg = AttackConfig.from_yaml(path, attack="pgd-adaptive", pgd_steps=3, gcg_topk=None)
+    cfg = load(AttackConfig, path, overrides={"attack": "pgd-adaptive", "pgd.steps": 3, "gcg.topk": None})
     assert (cfg.pgd.steps, cfg.pgd.epsilon, cfg.pgd.adaptive) == (3, 0.1, True)
     with pytest.raises(ValueError, match="unknown attack"):
         AttackConfig(attack="fgsm")

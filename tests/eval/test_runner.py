@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from sr_ray.cli import build_parser
+from sr_ray.config import REPO_ROOT
+from sr_ray.config_types import ConfigError
 from sr_ray.eval.cli import attack_config, evaluate_config
 from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
 from sr_ray.judges import RuleJudge
 from sr_ray.data.prefill import PREFILL_GENERIC
 from sr_ray.eval.runner import EvaluateConfig
 from sr_ray.infer import SYSTEMS
-from sr_ray.train.config import REPO_ROOT
 
 CONTRACT = ("n", "asr_full", "asr_continuation", "refusal_rate", "changed_vs_undefended")
 
@@ -135,14 +136,15 @@ def test_cli_default_config_is_the_stage_yaml_from_any_directory(tmp_path, monke
     parse = build_parser().parse_args
     demo = evaluate_config(parse(["evaluate", "--bundle", "b"]))
     yaml_values = yaml.safe_load((REPO_ROOT / "configs/evaluate.yaml").read_text())
-    assert (demo.limit, demo.reminder_max_new_tokens) == (yaml_values["limit"], yaml_values["reminder_max_new_tokens"])
-    assert (demo.limit, demo.reminder_max_new_tokens) != (EvaluateConfig.limit, EvaluateConfig.reminder_max_new_tokens)
+    assert (demo.reminder_max_new_tokens, demo.awareness.limit) == (yaml_values["reminder_max_new_tokens"],
+                                                                     yaml_values["awareness"]["limit"])
+    assert demo.reminder_max_new_tokens != EvaluateConfig.reminder_max_new_tokens
     bare = evaluate_config(parse(["evaluate", "--bundle", "b", "--config", ""]))
     assert (bare.limit, bare.reminder_max_new_tokens) == (EvaluateConfig.limit, EvaluateConfig.reminder_max_new_tokens)
     pgd_steps = yaml.safe_load((REPO_ROOT / "configs/attack.yaml").read_text())["pgd"]["steps"]
     assert attack_config(parse(["attack", "pgd"])).pgd.steps == pgd_steps
     assert attack_config(parse(["attack", "pgd", "--config", ""])).pgd.steps == 3000  # the official setting
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="configs/nope.yaml: no such file"):
         evaluate_config(parse(["evaluate", "--bundle", "b", "--config", "configs/nope.yaml"]))
 
 

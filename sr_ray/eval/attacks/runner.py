@@ -8,15 +8,13 @@ pairs every test goal with the adversarial image or suffix, for `sr-ray evaluate
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
-from sr_ray.config_types import build
+from sr_ray.config_types import require
 from sr_ray.eval.attacks.dataset import write_attack_dataset
 from sr_ray.eval.attacks.gcg import GCGConfig, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, run_pgd
@@ -43,26 +41,10 @@ class AttackConfig:
     gcg: GCGConfig = field(default_factory=GCGConfig)
 
     def __post_init__(self):
-        if self.attack not in ATTACK_BENCHMARKS:
-            raise ValueError(f"unknown attack {self.attack!r}; choose from {list(ATTACK_BENCHMARKS)}")
+        require(self.attack in ATTACK_BENCHMARKS, f"unknown attack {self.attack!r}; choose from {list(ATTACK_BENCHMARKS)}")
         self.pgd = self.pgd if isinstance(self.pgd, PGDConfig) else PGDConfig(**self.pgd)
         self.gcg = self.gcg if isinstance(self.gcg, GCGConfig) else GCGConfig(**self.gcg)
         self.pgd.adaptive = self.attack == "pgd-adaptive"
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, **overrides) -> "AttackConfig":
-        values = yaml.safe_load(Path(path).read_text()) if path else {}
-        unknown = set(values or {}) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        values = values or {}
-        for section in ("pgd", "gcg"):  # nested overrides: pgd_steps=... -> pgd.steps
-            for key in [k for k in overrides if k.startswith(f"{section}_")]:
-                value = overrides.pop(key)
-                if value is not None:
-                    values.setdefault(section, {})[key.removeprefix(f"{section}_")] = value
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return build(cls, values)  # every value checked against its field's type
 
 
 def advbench_pairs(processed_dir: Path, split: str, limit: int | None) -> list[dict]:
