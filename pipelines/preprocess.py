@@ -9,18 +9,12 @@ run directly, it starts a local Ray. Same flags as `sr-ray preprocess`.
 
 from __future__ import annotations
 
-import argparse
-
+from sr_ray.cli import pipeline_main
 from sr_ray.data.cli import add_preprocess_arguments, cmd_preprocess
-from sr_ray.runtime import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/preprocess.yaml")
-    add_preprocess_arguments(parser)
-    return cmd_preprocess(parser.parse_args(argv))
+    return pipeline_main("preprocess.py", __doc__.splitlines()[0], add_preprocess_arguments, cmd_preprocess, argv)
 
 
 if __name__ == "__main__":

@@ -5,45 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 
-from sr_ray.config_types import build
+from sr_ray.config import add_arguments, csv_list, flag, from_args
 from sr_ray.data.config import PreprocessConfig
 
 
-OVERRIDABLE = ("data_dir", "out_dir", "sources", "variants", "limit_per_source", "seed", "max_side", "num_cpus",
-               "executor", "mmsafetybench_images", "coco_dir", "jailbreakv_images", "tokenizer", "progress")
-
-
-def _csv_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI overrides of `PreprocessConfig` (shared with pipelines/preprocess.py). None = keep config/default."""
-    parser.add_argument("--data-dir", help="data directory laid out like shared/data (default: sr_ray.data.default_data_dir())")
-    parser.add_argument("--out", dest="out_dir", help="output directory (default: runs/data)")
-    parser.add_argument("--sources", type=_csv_list, help="comma-separated source names (default: all found)")
-    parser.add_argument("--variants", type=_csv_list, help="comma-separated variant names (default: all)")
-    parser.add_argument("--limit-per-source", type=int, help="first N rows per source")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-side", type=int)
-    parser.add_argument("--num-cpus", type=int, help="CPUs for ray.init when no Ray session is running")
-    parser.add_argument("--executor", choices=["ray", "loop"])
-    parser.add_argument("--mmsafetybench-images", help="folder <scenario>/{SD_TYPO,SD}/<id>.jpg (upstream imgs/)")
-    parser.add_argument("--coco-dir", help="COCO train2017 images for VLSafe image rows")
-    parser.add_argument("--jailbreakv-images", help="JailBreakV-28K folder that its image_path column is relative to")
-    parser.add_argument("--tokenizer", help="local tokenizer/processor dir: add chat_prompt + input_ids columns")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    """`--config/--preset/--set` and the flags of `PreprocessConfig` (shared with pipelines/preprocess.py)."""
+    add_arguments(parser, "configs/preprocess.yaml", "preprocess")
+    flag(parser, "--data-dir", help="data directory laid out like shared/data (default: sr_ray.data.default_data_dir())")
+    flag(parser, "--out", field="out_dir", help="output directory (default: runs/data)")
+    flag(parser, "--sources", type=csv_list, help="comma-separated source names (default: all found)")
+    flag(parser, "--variants", type=csv_list, help="comma-separated variant names (default: all)")
+    flag(parser, "--limit-per-source", type=int, help="first N rows per source")
+    flag(parser, "--seed", type=int)
+    flag(parser, "--max-side", type=int)
+    flag(parser, "--num-cpus", type=int, help="CPUs for ray.init when no Ray session is running")
+    flag(parser, "--executor", choices=["ray", "loop"])
+    flag(parser, "--mmsafetybench-images", help="folder <scenario>/{SD_TYPO,SD}/<id>.jpg (upstream imgs/)")
+    flag(parser, "--coco-dir", help="COCO train2017 images for VLSafe image rows")
+    flag(parser, "--jailbreakv-images", help="JailBreakV-28K folder that its image_path column is relative to")
+    flag(parser, "--tokenizer", help="local tokenizer/processor dir: add chat_prompt + input_ids columns")
+    flag(parser, "--no-progress", field="progress", action="store_false")
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    """YAML (`--config`, if any), then CLI flags that were given; data_dir/out_dir defaults last."""
-    from sr_ray.data import default_data_dir
-
-    values = PreprocessConfig.yaml_values(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k in OVERRIDABLE and v is not None})
-    values.setdefault("data_dir", str(default_data_dir()))
-    values.setdefault("out_dir", "runs/data")
-    return build(PreprocessConfig, values)  # every value checked against its field's type
+    return from_args(PreprocessConfig, args, "preprocess")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -77,7 +63,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(sub, bench) -> None:
     pre = sub.add_parser("preprocess", help="benchmarks -> validated Parquet shards + manifest (Ray Data)")
-    pre.add_argument("--config", help="YAML with PreprocessConfig fields (e.g. configs/preprocess.yaml)")
     add_preprocess_arguments(pre)
     pre.set_defaults(func=cmd_preprocess)
 

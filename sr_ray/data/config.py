@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import yaml
-
+from sr_ray.config_types import require
 from sr_ray.data.images import ImageLimits
 
 
 @dataclass
 class PreprocessConfig:
-    data_dir: str  # laid out like shared/data; see sr_ray.data.default_data_dir()
-    out_dir: str  # gets shards/*.parquet, manifest.json, quarantine.jsonl
+    data_dir: str | None = None  # laid out like shared/data; None: sr_ray.data.default_data_dir()
+    out_dir: str = "runs/data"  # gets shards/*.parquet, manifest.json, quarantine.jsonl
     sources: list[str] | None = None  # None = every source found in data_dir
     variants: list[str] | None = None  # None = every variant
     limit_per_source: int | None = None  # first N rows (file order) per source; None = all
@@ -26,7 +26,7 @@ class PreprocessConfig:
     num_cpus: int | None = None  # for ray.init when no Ray session is running; None = all cores
     rows_per_block: int = 32  # Ray Data block / batch size for the decode stage
     cpus_per_task: float = 1.0  # CPUs each decode task reserves (Ray Data `num_cpus`)
-    executor: str = "ray"  # "ray" (Ray Data) or "loop" (one process; for debugging and the benchmark)
+    executor: Literal["ray", "loop"] = "ray"  # "loop": one process (for debugging and the benchmark)
     progress: bool = True
     mmsafetybench_images: str | None = None  # user folder <scenario>/{SD_TYPO,SD}/<id>.jpg (upstream imgs/)
     coco_dir: str | None = None  # COCO train2017 images, for VLSafe `image` rows
@@ -34,11 +34,13 @@ class PreprocessConfig:
     tokenizer: str | None = None  # local dir of a tokenizer/processor: adds chat_prompt + input_ids (for training)
 
     def __post_init__(self):
+        if self.data_dir is None:  # $SR_RAY_DATA_DIR, ../shared/data, else the vendored demo data
+            from sr_ray.data import default_data_dir
+
+            self.data_dir = str(default_data_dir())
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-9:
-            raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
-        if self.executor not in ("ray", "loop"):
-            raise ValueError(f"executor must be 'ray' or 'loop', got {self.executor!r}")
+        require(len(self.split_fractions) == 3 and abs(sum(self.split_fractions) - 1.0) <= 1e-9,
+                f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -47,15 +49,6 @@ class PreprocessConfig:
     def optional_dir(self, name: str) -> Path | None:
         value = getattr(self, name)
         return Path(value).expanduser().resolve() if value else None
-
-    @classmethod
-    def yaml_values(cls, path: str | Path) -> dict:
-        """Field values from a YAML file (keys are field names; unknown keys are an error)."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return values
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
