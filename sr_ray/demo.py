@@ -3,6 +3,8 @@
 preprocess -> rollout -> fit-probe -> train (2 Ray workers, DeepSpeed) -> evaluate -> report, on the
 embedded default model and the development data (or the vendored demo data). Each stage is sized by its
 YAML in `configs/` (the CPU sizes); the demo only points them at one work directory and one experiment.
+`--preset NAME` applies to every stage as it does to each stage's own command; `--set <stage>.key=value`
+(`preprocess`, `rollout`, `fit_probe`, `train`, `evaluate`) changes one stage, `--set key=value` the demo.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sr_ray.config import config_file, load
 from sr_ray.reminder.shipped import default_bundle
-from sr_ray.train.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,11 @@ class DemoConfig:
     # The shipped bundle's SafetyReminder is added as `safety_reminder_shipped` (a second, smaller evaluation).
     systems: tuple[str, ...] = ("undefended", "self_reminder", "safety_reminder")
     num_cpus: int = 4  # logical CPUs for the local Ray (oversubscribed: Data actors + 2 train workers)
+
+
+# preset / `--set` section: the stage's config file in configs/
+STAGE_FILES = {"preprocess": "preprocess", "rollout": "rollout", "fit_probe": "fit_probe", "train": "train_sapt",
+               "evaluate": "evaluate"}
 
 
 class _Stages:
@@ -49,53 +56,65 @@ class _Stages:
         return result
 
 
-def _stage_config(cls, name: str, section: str, overrides: dict):
-    from sr_ray.train.config import load_config
+def stage_configs(cfg: DemoConfig, out: Path, data_dir: Path, tracking_uri: str, preset: str | None = None,
+                  sets: list[str] = ()) -> dict:
+    """{section: config} of every stage: configs/<stage>.yaml < `preset` < what the demo sets (one work
+    directory, one experiment) < `sets` (`<section>.key=value`). Built before anything runs: a mistake in
+    any stage stops the demo at once."""
+    from sr_ray.data import PreprocessConfig
+    from sr_ray.eval.runner import EvaluateConfig
+    from sr_ray.tracking import EXPERIMENT  # the experiment every stage uses
+    from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
 
-    return load_config(cls, REPO_ROOT / "configs" / f"{name}.yaml", section=section, overrides=overrides)
+    shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
+    stages = {
+        "preprocess": (PreprocessConfig, dict(data_dir=str(data_dir), out_dir=str(out / "data"))),
+        "rollout": (RolloutConfig, shared), "fit_probe": (ProbeFitConfig, shared), "train": (SaptConfig, shared),
+        "evaluate": (EvaluateConfig, dict(
+            out=str(out / "eval"), bundle=str(out / "bundle"), data_dir=str(data_dir), processed_dir=str(out / "data"),
+            model=cfg.model, systems=list(cfg.systems), limit=cfg.eval_limit, tracking_uri=tracking_uri)),
+    }
+    return {section: load(cls, config_file(f"configs/{STAGE_FILES[section]}.yaml"), preset=preset, section=section,
+                          overrides=values, sets=[s.partition(".")[2] for s in sets if s.partition(".")[0] == section],
+                          where=f"{section}.")
+            for section, (cls, values) in stages.items()}
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, preset: str | None = None, sets: list[str] = ()) -> dict:
+    """The demo; `preset` and `sets` (`<stage>.key=value`) change the stages' configs (see `stage_configs`)."""
+    from dataclasses import replace
+
     import ray
 
-    from sr_ray.data import PreprocessConfig, default_data_dir, run_preprocess
+    from sr_ray.data import default_data_dir, run_preprocess
     from sr_ray.eval.report import write_report
-    from sr_ray.eval.runner import EvaluateConfig, evaluate
+    from sr_ray.eval.runner import evaluate
     from sr_ray.runtime import ensure_ray
+    from sr_ray.tracking import EXPERIMENT, tracking_uri_for
     from sr_ray.train import run_fit_probe, run_rollout, run_sapt
-    from sr_ray.train.config import ProbeFitConfig, RolloutConfig, SaptConfig
-    from sr_ray.tracking import EXPERIMENT, tracking_uri_for  # the experiment every stage uses
 
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir).resolve() if cfg.data_dir else default_data_dir()
     tracking_uri = tracking_uri_for(out)  # $MLFLOW_TRACKING_URI, else sqlite under DIR
-    shared = dict(work_dir=str(out), model=cfg.model, tracking_uri=tracking_uri, experiment=EXPERIMENT)
+    configs = stage_configs(cfg, out, data_dir, tracking_uri, preset, sets)
+    out.mkdir(parents=True, exist_ok=True)
     log.info("sr-ray demo: model=%s data=%s out=%s; MLflow: %s (experiment %s)", cfg.model, data_dir, out,
              tracking_uri, EXPERIMENT)
     # The dashboard hosts the State API that Ray Train's controller polls (else it logs every second).
     ensure_ray(cfg.num_cpus, dashboard=True)
 
     stages = _Stages(7 if default_bundle(cfg.model) else 6)
-    pre = PreprocessConfig.yaml_values(REPO_ROOT / "configs/preprocess.yaml") | dict(
-        data_dir=str(data_dir), out_dir=str(out / "data"))
-    manifest = stages.run("preprocess", lambda: run_preprocess(PreprocessConfig(**pre)))
-    require_probe_sources(manifest, _stage_config(ProbeFitConfig, "fit_probe", "fit_probe", shared), data_dir)
-    stages.run("rollout", lambda: run_rollout(_stage_config(RolloutConfig, "rollout", "rollout", shared)))
-    probe_dir, probe_metrics = stages.run(
-        "fit-probe", lambda: run_fit_probe(_stage_config(ProbeFitConfig, "fit_probe", "fit_probe", shared)))
-    bundle_dir, run_id, version = stages.run(
-        "train", lambda: run_sapt(_stage_config(SaptConfig, "train_sapt", "train", shared)))
+    manifest = stages.run("preprocess", lambda: run_preprocess(configs["preprocess"]))
+    require_probe_sources(manifest, configs["fit_probe"], data_dir)
+    stages.run("rollout", lambda: run_rollout(configs["rollout"]))
+    probe_dir, probe_metrics = stages.run("fit-probe", lambda: run_fit_probe(configs["fit_probe"]))
+    bundle_dir, run_id, version = stages.run("train", lambda: run_sapt(configs["train"]))
     bundle = out / "bundle"
     if bundle.resolve() != Path(bundle_dir).resolve():
         shutil.rmtree(bundle, ignore_errors=True)
         shutil.copytree(bundle_dir, bundle)
     roc = next(iter(sorted(Path(probe_dir).parent.glob("*roc*.png"))), None)
-    eval_cfg = EvaluateConfig.from_yaml(
-        REPO_ROOT / "configs/evaluate.yaml", out=str(out / "eval"), bundle=str(bundle), data_dir=str(data_dir),
-        processed_dir=str(out / "data"), model=cfg.model, systems=list(cfg.systems), limit=cfg.eval_limit,
-        tracking_uri=tracking_uri, probe_roc=str(roc) if roc else None,
-    )
+    eval_cfg = replace(configs["evaluate"], probe_roc=str(roc) if roc else configs["evaluate"].probe_roc)
     ray.data.DataContext.get_current().enable_progress_bars = True  # training turns them off
     metrics = stages.run("evaluate", lambda: evaluate(eval_cfg))
     shipped = default_bundle(cfg.model)
@@ -167,14 +186,24 @@ def closing_message(summary: dict, model: str) -> str:
 
 
 def add_commands(sub, bench) -> None:
+    from sr_ray.config import add_arguments, flag
+
     p = sub.add_parser("demo", help="preprocess -> rollout -> fit-probe -> train -> evaluate -> report")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--data-dir", help="data laid out like shared/data (default: ../shared/data or the demo data)")
-    p.add_argument("--model", default="smol-llava")
-    p.add_argument("--eval-limit", type=int, default=DemoConfig.eval_limit, help="rows per benchmark (default 6)")
+    add_arguments(p, None, "demo", config=False)
+    flag(p, "--out", help="run directory (default runs/demo)")
+    flag(p, "--data-dir", help="data laid out like shared/data (default: ../shared/data or the demo data)")
+    flag(p, "--model", help="VLM (default smol-llava)")
+    flag(p, "--eval-limit", type=int, help="rows per benchmark (default 6)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    run_demo(DemoConfig(out=args.out, data_dir=args.data_dir, model=args.model, eval_limit=args.eval_limit))
+    import argparse
+
+    from sr_ray.config import from_args
+
+    stage_sets = [s for s in args.set if s.partition(".")[0] in STAGE_FILES]
+    demo_sets = [s for s in args.set if s not in stage_sets]
+    cfg = from_args(DemoConfig, argparse.Namespace(**{**vars(args), "set": demo_sets}), "demo")
+    run_demo(cfg, args.preset, stage_sets)
     return 0
