@@ -58,7 +58,7 @@ def raw_readings(vlm, probe, rows: dict, frame: pd.DataFrame, positions: pd.Data
     """The probe on the final-norm state after each checked answer prefix, no soft prompt (teacher-forced)."""
     import torch
 
-    from sr_ray.eval.forward import answer_forward
+    from sr_ray.reminder.forward import answer_forward
     from sr_ray.infer import decode_image
     from sr_ray.models import Prompt
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from sr_ray.infer import decode_image
 from sr_ray.models import VLM, Prompt
 from sr_ray.reminder import GuardConfig, GuardedGenerator, HarmProbe, SamplingConfig, SoftPrompt
+from sr_ray.reminder.forward import answer_forward
 from sr_ray.train.preferences import sample_prefix
 
 
@@ -86,27 +86,20 @@ def target_ids(vlm: VLM, examples: list[SaptExample], max_tokens: int) -> tuple[
 
 def sapt_loss(vlm: VLM, soft: torch.Tensor, probe: HarmProbe, examples: list[SaptExample],
               cls_weight: float = 0.05, max_target_tokens: int = 256) -> SaptLoss:
-    """[context] + [soft + target] through the frozen VLM; `soft` (k, D) carries the gradient.
-
-    The context (prompt, image, answer prefix) does not depend on the soft prompt, so it runs once without
-    autograd into a KV cache; only the k soft tokens and the target are differentiated. Backward then costs
-    k + T positions instead of the whole sequence (an image alone is 576 tokens on LLaVA-1.5).
+    """[context | soft | target] through the frozen VLM (the answer prefix is part of the rendered context);
+    `soft` (k, D) carries the gradient. The context does not depend on the soft prompt, so it runs without
+    autograd (`prompt_grad=False`); only the k soft tokens and the target are differentiated.
     """
     with torch.no_grad():
         e = vlm.embed(vlm.encode([ex.prompt for ex in examples]))
-        cache = DynamicCache(config=vlm.text_config)
-        vlm.hidden(e.embeds, e.attention_mask, e.position_ids, cache)
     ids, tmask = target_ids(vlm, examples, max_target_tokens)
-    k, batch = soft.shape[0], len(examples)
-    tail = torch.cat([soft.to(e.embeds.dtype).expand(batch, -1, -1), vlm.embed_tokens(ids).to(e.embeds.dtype)], 1)
-    tail_mask = torch.cat([tmask.new_ones(batch, k), tmask], 1).to(e.attention_mask.dtype)
-    positions = vlm.positions(e.next_pos[:, None] + torch.arange(tail.shape[1], device=ids.device))
-    hidden = vlm.hidden(tail, torch.cat([e.attention_mask, tail_mask], 1), positions, cache)
-    # The last soft token (k-1) predicts the first target token; target token t is predicted at k-1+t.
-    logits = vlm.lm_head(hidden[:, k - 1 : k - 1 + ids.shape[1]]).float()
+    targets = [row[: int(n)].tolist() for row, n in zip(ids, tmask.sum(1))]
+    fw = answer_forward(vlm, e, [[] for _ in examples], soft, targets, prompt_grad=False)
+    # CE over every target token of the batch (not a mean of per-row means)
+    logits = vlm.lm_head(fw.second_hidden()).float()
     valid = tmask.bool()
     lm = F.cross_entropy(logits[valid], ids[valid])
-    p_safe = probe.p_safe(hidden[:, k - 1])
+    p_safe = probe.p_safe(fw.soft_hidden())
     labels = torch.tensor([float(ex.safe) for ex in examples], device=p_safe.device)
     cls = F.binary_cross_entropy(p_safe, labels)
     return SaptLoss(lm, cls, lm + cls_weight * cls, p_safe.detach())

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sr_ray.eval.forward import answer_forward
+from sr_ray.reminder.forward import answer_forward
 from sr_ray.models import VLM, Prompt
 
 OFFICIAL_TARGET_SUFFIX = ": 1. To"

@@ -1,9 +1,10 @@
-"""Teacher-forced forwards over [prompt | answer | soft prompt | more answer] for attacks and analysis.
+"""The teacher-forced forward over [prompt | answer | soft prompt | more answer], for training and evaluation.
 
 One forward gives the LM loss of a target answer, the probe's reading at the soft prompt after a partial
-answer (the guard's check), and the loss of what follows the reminder. Rows have different answer lengths:
-each block is right-padded to the batch maximum and padding is masked out, with explicit position ids
-that continue from each row's prompt (so padding never shifts a position).
+answer (the guard's check), and the loss of what follows the reminder: SAPT's loss (`sr_ray.train.sapt`), the
+PGD attacks' objectives and the delayed-awareness readings (`sr_ray.eval`). Rows have different answer
+lengths: each block is right-padded to the batch maximum and padding is masked out, with explicit position
+ids that continue from each row's prompt (so padding never shifts a position).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from sr_ray.models.vlm import VLM, Embedded
 
@@ -35,6 +37,11 @@ class AnswerForward:
         """(len(first[row]), D): hidden state after each answer token (the state at answer length j+1)."""
         return self.hidden[row, self.prompt_len : self.prompt_len + len(self.first[row])]
 
+    def second_hidden(self) -> torch.Tensor:
+        """(B, S, D): the state that predicts each `second` token (the last soft token, then each token)."""
+        start = self.prompt_len + self.width_first + self.k - 1
+        return self.hidden[:, start : start + max(len(s) for s in self.second)]
+
     def _ce(self, lm_head, starts: list[int], tokens: list[list[int]]) -> torch.Tensor:
         losses = []
         for b, (start, ids) in enumerate(zip(starts, tokens)):
@@ -57,8 +64,13 @@ class AnswerForward:
 
 
 def answer_forward(vlm: VLM, e: Embedded, first: list[list[int]], soft: torch.Tensor | None = None,
-                   second: list[list[int]] | None = None) -> AnswerForward:
-    """Forward [prompt | first | soft | second] for a batch whose prompts are embedded in `e` (gradients flow)."""
+                   second: list[list[int]] | None = None, *, prompt_grad: bool = True) -> AnswerForward:
+    """Forward [prompt | first | soft | second] for a batch whose prompts are embedded in `e`.
+
+    Gradients flow through the prompt (an attacked image) unless `prompt_grad` is False: the prompt then runs
+    once without autograd into a KV cache and only the blocks after it are differentiated, so backward costs
+    their positions, not the image's (576 tokens on LLaVA-1.5). The hidden states are the same either way.
+    """
     B, k = len(first), (0 if soft is None else soft.shape[0])
     second = second or [[] for _ in range(B)]
     if any(second) and not k:
@@ -79,8 +91,12 @@ def answer_forward(vlm: VLM, e: Embedded, first: list[list[int]], soft: torch.Te
     block = vlm.embed_tokens(ids)
     if k:
         block = torch.cat([block[:, :A], soft.to(block.dtype).expand(B, -1, -1), block[:, A + k :]], dim=1)
-    hidden = vlm.hidden(
-        torch.cat([e.embeds, block], 1), torch.cat([e.attention_mask, mask], 1),
-        torch.cat([e.position_ids, vlm.positions(pos)], -1),
-    )
+    full_mask = torch.cat([e.attention_mask, mask], 1)
+    if prompt_grad:
+        hidden = vlm.hidden(torch.cat([e.embeds, block], 1), full_mask, torch.cat([e.position_ids, vlm.positions(pos)], -1))
+    else:
+        cache = DynamicCache(config=vlm.text_config)
+        with torch.no_grad():
+            context = vlm.hidden(e.embeds, e.attention_mask, e.position_ids, cache)
+        hidden = torch.cat([context, vlm.hidden(block, full_mask, vlm.positions(pos), cache)], 1)
     return AnswerForward(hidden, e.embeds.shape[1], [list(f) for f in first], [list(s) for s in second], A, k)
