@@ -80,11 +80,14 @@ def test_broken_copies_are_rejected(config, breakage):
         launcher_checks(broken)
 
 
-def test_every_ray_start_opts_out_of_usage_stats(config):
+def test_every_ray_start_opts_out_of_usage_stats_and_exports_metrics_on_the_documented_port(config):
     starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
               for c in commands(config, key) if "ray start" in c]
     assert len(starts) == 2
     assert all("--disable-usage-stats" in c for c in starts)
+    # the port Prometheus scrapes on every node (docs/operations.md); without the flag each node picks one
+    assert all("--metrics-export-port=8080" in c.split() for c in starts)
+    assert "--metrics-export-port=8080" in (REPO / "docs/operations.md").read_text()
     assert any("--head" in c for c in starts) and any("--address=$RAY_HEAD_IP:6379" in c for c in starts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import time
 import zlib
 
 import pytest
@@ -46,3 +47,21 @@ def tiny_llava():
 
     return load_vlm("tiny-llava")
 
+
+
+def scrape_ray(until, timeout_s: float = 90.0) -> list:
+    """The samples every live node's Ray metrics agent exports (what Prometheus scrapes through Ray's service
+    discovery), scraped until `until(samples)` holds: workers push their metrics every few seconds."""
+    import httpx
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = [sample for node in ray.nodes() if node["Alive"]
+                   for family in text_string_to_metric_families(httpx.get(
+                       f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text)
+                   for sample in family.samples]
+        if until(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(1)

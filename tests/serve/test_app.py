@@ -34,7 +34,7 @@ from sr_ray.models import Prompt
 from sr_ray.reminder import GuardConfig, GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.serve.bench import ServeBenchConfig, free_port, run_serve_bench
 from sr_ray.serve.config import BatchingConfig, GuardPolicy, ScaleConfig, ServeConfig
-from tests.serve.conftest import constant_probe_bundle, data_url, png_bytes
+from tests.serve.conftest import constant_probe_bundle, data_url, png_bytes, scrape_ray
 from tests.serve.hostile import ADMIN_KEY, CASES, MODEL, USER_KEY, api_keys, chat, check, limits, send
 
 pytestmark = pytest.mark.slow
@@ -240,6 +240,21 @@ def test_metrics_and_audit_log(live):
 
     assert value("sr_ray_requests_total", 'status="200"', 'stream="false"', 'route="chat"') >= 1
     assert value("sr_ray_requests_total", 'status="401"') >= 1 and value("sr_ray_guard_interventions_total") >= 1
+    # The cluster-wide view: Ray's metrics agent exports the (one) ingress replica's counts, tagged with its
+    # application, deployment, replica and reminder version.
+    def ours(samples):
+        return [s for s in samples if s.name == "ray_sr_ray_requests_total"
+                and s.labels.get("application") == live.cfg.app_name]
+
+    def agrees(samples):
+        return all(sum(s.value for s in ours(samples) if s.labels["status"] == status)
+                   == value("sr_ray_requests_total", f'status="{status}"') for status in ("200", "401"))
+
+    samples = scrape_ray(agrees)
+    assert agrees(samples)
+    assert {(s.labels["deployment"], s.labels["model_version"]) for s in ours(samples)} == {
+        ("GuardedIngress", live.cfg.reminder_version)}
+    assert all(s.labels["replica"] for s in ours(samples))
     records = [json.loads(line) for line in live.audit.read_text().splitlines()]
     mine = next(r for r in records if r["request_id"] == resp.id)
     assert mine["key_id"] == "user" and mine["flagged"] and mine["flagged_at"] == 4
