@@ -58,10 +58,7 @@ def system_request(system: str, prompt: Prompt, bundle: ReminderBundle | None, c
     overrides = dict(reminder_max_new_tokens=cfg.reminder_max_new_tokens)
     if system == "safety_reminder_official":  # the official schedule, flag handling and coverage gaps
         overrides |= dict(mode="official", schedule="official", check_at_end=False)
-    guard = bundle.guard_config(**overrides)
-    guard.interval = cfg.interval or guard.interval
-    guard.threshold = cfg.threshold if cfg.threshold is not None else guard.threshold
-    return prompt, guard
+    return prompt, bundle.guard_config(interval=cfg.interval, threshold=cfg.threshold, **overrides)
 
 
 def decode_image(data) -> Image.Image | None:

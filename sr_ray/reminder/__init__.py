@@ -2,7 +2,8 @@
 
 from sr_ray.reminder.artifacts import ArtifactError
 from sr_ray.reminder.bundle import ReminderBundle
-from sr_ray.reminder.engine import Check, GuardConfig, GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent
+from sr_ray.reminder.engine import Check, GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent
+from sr_ray.reminder.guard import GuardConfig
 from sr_ray.reminder.probe import HarmProbe
 from sr_ray.reminder.soft_prompt import DEFAULT_INIT_TEXT, SoftPrompt
 

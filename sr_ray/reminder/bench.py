@@ -25,7 +25,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from sr_ray.models import VLM, Prompt, load_vlm
-from sr_ray.reminder.engine import GuardConfig, GuardedGenerator, SamplingConfig
+from sr_ray.reminder.engine import GuardedGenerator, SamplingConfig
+from sr_ray.reminder.guard import PAPER_INTERVAL, GuardConfig
 from sr_ray.reminder.probe import HarmProbe
 from sr_ray.reminder.soft_prompt import SoftPrompt
 
@@ -34,7 +35,7 @@ from sr_ray.reminder.soft_prompt import SoftPrompt
 class GuardBenchConfig:
     model: str = "smol-llava"
     new_tokens: int = 256
-    interval: int = 16
+    interval: int = PAPER_INTERVAL
     image_tokens: int = 576  # LLaVA-1.5's image context
     repeats: int = 3
     dtype: str = "float32"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sr_ray.reminder.artifacts import META, ArtifactError
-from sr_ray.reminder.engine import GuardConfig
+from sr_ray.reminder.guard import PAPER_INTERVAL, PAPER_THRESHOLD, GuardConfig
 from sr_ray.reminder.probe import HarmProbe
 from sr_ray.reminder.soft_prompt import SoftPrompt
 
@@ -24,12 +24,13 @@ class ReminderBundle:
     soft_prompt: SoftPrompt
     probe: HarmProbe
     base_model_id: str
-    interval: int = 16
-    threshold: float = 0.2
+    interval: int = PAPER_INTERVAL
+    threshold: float = PAPER_THRESHOLD  # calibrated by SAPT when configured; wins over the probe's
     data_checksum: str = ""
 
     def guard_config(self, **overrides) -> GuardConfig:
-        return GuardConfig(interval=self.interval, threshold=self.threshold, **overrides)
+        """The guard this bundle was trained for, with each given (not None) override applied."""
+        return GuardConfig(interval=self.interval, threshold=self.threshold).override(**overrides)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -25,7 +25,7 @@ def add_commands(sub, bench) -> None:
     b = bench.add_parser("guard", help="cost of the guard: plain vs fused checks vs official-style checks")
     b.add_argument("--model", default="smol-llava")
     b.add_argument("--new-tokens", type=int, default=256)
-    b.add_argument("--interval", type=int, default=16)
+    b.add_argument("--interval", type=int, help="answer tokens between checks (default: the paper's 16)")
     b.add_argument("--image-tokens", type=int, default=576)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -59,11 +59,9 @@ def generate(args) -> int:
     vlm = load_vlm(args.model)
     soft, probe, guard = (None, None, None) if args.no_guard else _load_parts(args, vlm)
     if guard is not None:
-        guard.mode = args.mode
-        guard.interval = args.interval or guard.interval
-        guard.threshold = args.threshold if args.threshold is not None else guard.threshold
+        guard = guard.override(mode=args.mode, interval=args.interval, threshold=args.threshold)
         if args.mode == "official":
-            guard.schedule, guard.check_at_end = "official", False
+            guard = guard.override(schedule="official", check_at_end=False)
     image = Image.open(args.image).convert("RGB") if args.image else None
     out = GuardedGenerator(vlm, soft, probe, guard).generate(
         [Prompt(args.prompt, image, args.system)], SamplingConfig(max_new_tokens=args.max_new_tokens),
@@ -85,8 +83,10 @@ def generate(args) -> int:
 
 def bench_guard(args) -> int:
     from sr_ray.reminder.bench import GuardBenchConfig, format_table, run_guard_bench, save_result
+    from sr_ray.reminder.guard import PAPER_INTERVAL
 
-    cfg = GuardBenchConfig(model=args.model, new_tokens=args.new_tokens, interval=args.interval,
+    interval = PAPER_INTERVAL if args.interval is None else args.interval
+    cfg = GuardBenchConfig(model=args.model, new_tokens=args.new_tokens, interval=interval,
                            image_tokens=args.image_tokens, repeats=args.repeats, dtype=args.dtype)
     result = run_guard_bench(cfg)
     print(format_table(result))

@@ -20,23 +20,13 @@ rounding), at the cost of one more forward per check step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 
 from sr_ray.models.vlm import VLM, Embedded, Prompt
 from sr_ray.reminder.batch import DecodeBatch, Prefill
-
-
-@dataclass
-class GuardConfig:
-    interval: int = 16
-    threshold: float | None = None  # None: the probe's own threshold (0.2 official)
-    mode: Literal["inplace", "official"] = "inplace"
-    # "every": check answers of interval, 2*interval, ... tokens; "official": count % interval == interval-1
-    schedule: Literal["every", "official"] = "every"
-    check_at_end: bool = True  # also check at EOS / budget end (covers short answers and the tail)
-    reminder_max_new_tokens: int = 256  # budget after a flag (the official second pass gets 256)
+from sr_ray.reminder.guard import GuardConfig
 
 
 @dataclass

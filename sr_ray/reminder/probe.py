@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from sr_ray.reminder.artifacts import check_base_model, load_artifact, save_artifact
+from sr_ray.reminder.guard import PAPER_THRESHOLD
 
 
 @dataclass
 class HarmProbe:
     weight: torch.Tensor  # (D,) float32
     bias: float
-    threshold: float = 0.2  # flag when P(safe) < threshold (official)
+    threshold: float = PAPER_THRESHOLD  # flag when P(safe) < threshold; a bundle's own threshold wins
     base_model_id: str = ""
     fit_info: dict = field(default_factory=dict)
 
@@ -34,7 +35,7 @@ class HarmProbe:
     @classmethod
     def fit(
         cls, features: torch.Tensor | np.ndarray, safe: torch.Tensor | np.ndarray, *,
-        n_components: int = 20, top_m: int = 4, threshold: float = 0.2, base_model_id: str = "", seed: int = 0,
+        n_components: int = 20, top_m: int = 4, threshold: float = PAPER_THRESHOLD, base_model_id: str = "", seed: int = 0,
     ) -> "HarmProbe":
         """Official recipe: PCA(n_components) on all features, logistic regression on the first top_m."""
         from sklearn.decomposition import PCA

@@ -37,7 +37,8 @@ import torch
 
 from sr_ray.models.vlm import Prompt, PromptBatch
 from sr_ray.reminder.batch import DecodeBatch, Prefill
-from sr_ray.reminder.engine import GuardConfig, GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent
+from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent
+from sr_ray.reminder.guard import GuardConfig
 
 
 @dataclass

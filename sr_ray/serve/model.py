@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from ray import serve
@@ -49,13 +49,15 @@ class Admission:
 
 
 def load_reminder(cfg: ServeConfig, vlm) -> tuple[SoftPrompt, HarmProbe, GuardConfig] | None:
-    """The bundle (checksums verified by `ReminderBundle.load`), or a fresh soft prompt + a given probe."""
+    """The bundle (checksums verified by `ReminderBundle.load`), or a fresh soft prompt + a given probe; the
+    guard is the bundle's (a bare probe: the paper's interval, the probe's threshold) under the server's
+    `guard:` settings."""
+    server = dict(mode=cfg.guard.mode, interval=cfg.guard.interval, threshold=cfg.guard.threshold)
     if cfg.bundle:
         bundle = ReminderBundle.load(resolve_bundle(cfg.bundle, cfg.tracking_uri), vlm)
-        return bundle.soft_prompt, bundle.probe, bundle.guard_config(mode=cfg.guard.mode)
+        return bundle.soft_prompt, bundle.probe, bundle.guard_config(**server)
     if cfg.probe:
-        probe = HarmProbe.load(cfg.probe, vlm)
-        return SoftPrompt.from_text(vlm), probe, GuardConfig(threshold=probe.threshold, mode=cfg.guard.mode)
+        return SoftPrompt.from_text(vlm), HarmProbe.load(cfg.probe, vlm), GuardConfig().override(**server)
     return None
 
 
@@ -167,12 +169,8 @@ class GuardedModel:
         if not choice.enabled:
             return None
         # max_tokens bounds the whole answer, so the continuation after a flag never needs more.
-        guard = replace(self.base_guard, check_at_end=True, reminder_max_new_tokens=job.sampling.max_new_tokens)
-        if choice.interval is not None:
-            guard.interval = choice.interval
-        if choice.threshold is not None:
-            guard.threshold = choice.threshold
-        return guard
+        return self.base_guard.override(interval=choice.interval, threshold=choice.threshold, check_at_end=True,
+                                        reminder_max_new_tokens=job.sampling.max_new_tokens)
 
     def _releaser(self, job: GenerationJob) -> Releaser:
         tokenizer = self.vlm.tokenizer

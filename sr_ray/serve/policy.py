@@ -57,7 +57,7 @@ def authenticate(authorization: str | None, keys: list[ApiKey]) -> Principal:
 class GuardChoice:
     enabled: bool
     hold_back: bool
-    interval: int | None  # None: the bundle's
+    interval: int | None  # the request's; None: the server's (its `guard:` config, else the bundle's)
     threshold: float | None
 
 
@@ -78,6 +78,4 @@ def resolve_safety(options: SafetyOptions | None, principal: Principal, policy: 
         if value is not None and not lo <= value <= hi:
             raise PolicyError(400, f"safety.{name}={value} is outside the server's bounds [{lo}, {hi}]",
                               param=f"safety.{name}")
-    interval = opts.interval if opts.interval is not None else policy.interval
-    threshold = opts.threshold if opts.threshold is not None else policy.threshold
-    return GuardChoice(enabled, hold_back, interval, threshold)
+    return GuardChoice(enabled, hold_back, opts.interval, opts.threshold)

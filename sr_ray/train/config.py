@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from sr_ray.config_types import ConfigError, require
+from sr_ray.reminder.guard import PAPER_INTERVAL, PAPER_THRESHOLD
 
 OFFICIAL_REJECTED = "I'm sorry, but I cannot help with that."  # the official constant (DPO_dataset.py:24)
 DEFAULT_REFUSALS = [
@@ -94,7 +95,7 @@ class ProbeFitConfig(StageConfig):
     rollout: str | None = None  # None: <work_dir>/rollout/rollout.parquet
     n_components: int = 20
     top_m: int = 4
-    threshold: float = 0.2
+    threshold: float = PAPER_THRESHOLD
     batch_size: int = 16
     num_cpus: float = 1.0  # resources of the feature-extraction task
     num_gpus: float = 0.0
@@ -123,8 +124,8 @@ class SaptConfig(StageConfig):
     min_prefix_chars: int = 20
     max_target_tokens: int = 256  # longer targets are cut (and then get no EOS)
     # guard the bundle is trained for, and per-epoch validation
-    interval: int = 16
-    threshold: float = 0.2
+    interval: int = PAPER_INTERVAL
+    threshold: float = PAPER_THRESHOLD
     # None: flag at `threshold` (the paper's 0.2). A rate: every epoch the threshold is re-chosen on the val
     # split, as the largest one in `threshold_range` that flags at most this share of the benign val answers
     # read with that epoch's soft prompt; the bundle keeps its epoch's threshold. (A probe fit on prompt-end

@@ -85,7 +85,7 @@ class PGDObjective:
         if cfg.adaptive and bundle is None:
             raise ValueError("adaptive PGD attacks the guarded pipeline: it needs a reminder bundle")
         self.vlm, self.pixels, self.cfg, self.bundle = vlm, pixels, cfg, bundle
-        self.interval = cfg.interval or (bundle.interval if bundle else 16)
+        self.guard = bundle.guard_config(interval=cfg.interval) if bundle else None  # adaptive: the check it evades
 
     def __call__(self, x: torch.Tensor, goals: list[str], targets: list[str]) -> tuple[torch.Tensor, dict]:
         vlm = self.vlm
@@ -98,7 +98,7 @@ class PGDObjective:
         parts = {"target_loss": float(target_loss.detach())}
         loss = target_loss
         if self.cfg.adaptive:
-            cut = [min(self.interval, len(t) - 1) for t in ids]
+            cut = [min(self.guard.interval, len(t) - 1) for t in ids]
             soft = self.bundle.soft_prompt(vlm.dtype).detach()
             guarded = answer_forward(vlm, e, [t[:c] for t, c in zip(ids, cut)], soft, [t[c:] for t, c in zip(ids, cut)])
             p_safe = self.bundle.probe.p_safe(guarded.soft_hidden())
@@ -106,7 +106,7 @@ class PGDObjective:
             reminder_loss = guarded.second_loss(vlm.lm_head).mean()
             loss = loss + self.cfg.probe_weight * probe_loss + self.cfg.reminder_weight * reminder_loss
             parts |= {"probe_loss": float(probe_loss.detach()), "reminder_loss": float(reminder_loss.detach()),
-                      "p_safe": float(p_safe.detach().mean()), "flag_rate": float((p_safe < self.bundle.threshold).float().mean())}
+                      "p_safe": float(p_safe.detach().mean()), "flag_rate": float((p_safe < self.guard.threshold).float().mean())}
         return loss, parts
 
 
