@@ -156,7 +156,10 @@ class GuardedGenerator:
         gen = None
         if sampling.do_sample:
             gen = torch.Generator(device=self.vlm.device)
-            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+            if sampling.seed is None:
+                gen.seed()  # fresh entropy for this row only; torch.seed() would reseed the global RNG
+            else:
+                gen.manual_seed(sampling.seed)
         return _Row(key, sampling, guard, gen, budget if budget is not None else sampling.max_new_tokens)
 
     # ---- internals -------------------------------------------------------------------------------

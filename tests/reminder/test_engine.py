@@ -180,6 +180,14 @@ def test_sampling_is_reproducible_with_a_seed(tiny_vlm):
     assert [o.prefix_ids for o in a] != [o.prefix_ids for o in other]
 
 
+def test_unseeded_sampling_leaves_the_global_rng_alone(tiny_vlm):
+    gen = GuardedGenerator(tiny_vlm)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    gen.generate(prompts(2), SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0), guard=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's seeded stream is not reseeded
+
+
 def test_guard_without_artifacts_is_refused(tiny_vlm):
     with pytest.raises(ValueError, match="soft prompt and a probe"):
         GuardedGenerator(tiny_vlm).generate(prompts(1))
