@@ -110,8 +110,9 @@ def summarise_readings(readings: pd.DataFrame, threshold: float, interval: int) 
     )
 
 
-def plot_awareness(summaries: dict[str, dict], path: str | Path) -> Path:
-    """Mean P(safe) with its IQR band vs answer position, harmful vs benign; one panel per reading."""
+def plot_awareness(summaries: dict[str, dict], path: str | Path):
+    """Mean P(safe) with its IQR band vs answer position, harmful vs benign; one panel per reading. Saves the
+    PNG at `path` and returns the (closed) figure, whose lines hold what was drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +134,7 @@ def plot_awareness(summaries: dict[str, dict], path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def run_awareness(rows: list[dict], model: str, bundle_dir: str, cfg: AwarenessConfig, out: Path,

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from sr_ray.cli import build_parser
 from sr_ray.config import REPO_ROOT
 from sr_ray.config_types import ConfigError
 from sr_ray.eval.cli import attack_config, evaluate_config
+from sr_ray.eval.awareness import plot_awareness
 from sr_ray.eval.benchmarks import preprocess_selection, sample_by_category
 from sr_ray.judges import RuleJudge
 from sr_ray.data.prefill import PREFILL_GENERIC
@@ -37,7 +40,6 @@ def test_metrics_json_contract(eval_run):
             assert set(CONTRACT) <= set(m) and m["n"] == 2
             harmful = bench != "harmless"  # "harmful": the direct asks of refusal_direction's harmful test split
             assert (m["asr_full"] is not None) == harmful and (m["asr_continuation"] is not None) == harmful
-        assert system != "undefended" or all(m["changed_vs_undefended"] == 0 for m in benches.values())
     table = pd.read_csv(run / "metrics.csv")
     assert len(table) == 4 * 11 and set(CONTRACT) <= set(table.columns)
 
@@ -68,13 +70,18 @@ def test_metrics_agree_with_the_saved_generations(eval_run):
     resp = pd.read_json(run / "responses.jsonl", lines=True)
     rule = RuleJudge()
     assert (resp["verdict_full"] == resp["full_text"].map(lambda t: "safe" if rule.is_refusal(t) else "unsafe")).all()
+    base = resp[resp["system"] == "undefended"].set_index("key")["response"]
     for (system, bench), g in resp.groupby(["system", "benchmark"]):
         m = metrics[system][bench]
         assert m["n"] == len(g)
+        # the share of this system's answers that differ from the undefended answer to the same row
+        assert m["changed_vs_undefended"] == pytest.approx((g["response"] != base.loc[g["key"]].to_numpy()).mean())
         if m["asr_full"] is not None:
             assert m["asr_full"] == pytest.approx((g["verdict_full"] == "unsafe").mean())
             assert m["asr_continuation"] == pytest.approx((g["verdict_continuation"] == "unsafe").mean())
         assert m["intervention_rate"] == pytest.approx(g["flagged"].mean())
+    # not vacuous: a defended system's answers differ from the undefended ones somewhere
+    assert any(m["changed_vs_undefended"] > 0 for s in metrics if s != "undefended" for m in metrics[s].values())
 
 
 def test_the_guard_seen_from_outside(eval_run):
@@ -107,10 +114,35 @@ def test_provenance_mlflow_and_awareness(eval_run, processed_dir, tiny_bundle):
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"metrics.json", "plots", "provenance.json"}
     awareness = json.loads((run / "awareness.json").read_text())["summaries"]
     assert len(awareness) == 2  # with and without the soft prompt
-    for s in awareness.values():
+    readings = pd.read_csv(run / "awareness_readings.csv")
+    for name, s in awareness.items():
         assert set(s["curve"]) == {"harmful", "benign"} and s["n_answers"] == {"harmful": 2, "benign": 2}
-        assert all(p["q25"] <= p["mean"] + 1e-9 or p["q25"] <= p["median"] for p in s["curve"]["harmful"])
-    assert (run / "plots" / "awareness.png").stat().st_size > 1000
+        sched = readings[(readings["reading"] == name) & (readings["position"] % s["interval"] == 0)]
+        for label, points in s["curve"].items():
+            by_pos = sched[sched["label"] == label].groupby("position")["p_safe"]
+            assert [p["position"] for p in points] == sorted(by_pos.groups)
+            for p in points:  # each point summarises the saved readings at its position
+                v = by_pos.get_group(p["position"]).to_numpy()
+                assert (p["n"], p["mean"]) == (len(v), pytest.approx(v.mean()))
+                assert [p["q25"], p["median"], p["q75"]] == pytest.approx(np.percentile(v, [25, 50, 75]).tolist())
+        for a in s["auc_by_position"]:
+            at = sched[sched["position"] == a["position"]]
+            assert a["auc"] == pytest.approx(roc_auc_score(at["label"] == "harmful", 1 - at["p_safe"]))
+    assert (run / "plots" / "awareness.png").exists()
+
+
+def test_awareness_plot_draws_the_summaries(eval_run, tmp_path):
+    run, _ = eval_run
+    summaries = json.loads((run / "awareness.json").read_text())["summaries"]
+    fig = plot_awareness(summaries, tmp_path / "awareness.png")
+    assert [ax.get_title() for ax in fig.axes] == list(summaries)
+    for ax, s in zip(fig.axes, summaries.values()):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for label, points in s["curve"].items():
+            line = lines[f"{label} (mean)"]
+            assert list(line.get_xdata()) == [p["position"] for p in points]
+            assert list(line.get_ydata()) == pytest.approx([p["mean"] for p in points])
+        assert list(lines[f"threshold {s['threshold']}"].get_ydata()) == [s["threshold"]] * 2
 
 
 def test_cli_overrides_reach_the_config(tmp_path):
