@@ -53,3 +53,23 @@ def lr_scheduler(kind: str, total_steps: int):
     from torch.optim.lr_scheduler import LambdaLR
 
     return lambda optimizer: LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+
+def load_engine_state(engine, directory: str, tag: str) -> str:
+    """Restore `engine` (module, optimizer, scheduler) from `save_checkpoint(directory, tag=tag)`, or fail.
+
+    DeepSpeed does not fail clearly on a checkpoint without its files: no `latest` gives a warning and
+    `(None, None)`, no module states a bare `AssertionError`, and missing ZeRO optimizer shards a silent restart
+    of the optimizer from the weights. A resume would then go on while the loop state says otherwise."""
+    from pathlib import Path
+
+    states = Path(directory) / tag
+    missing = [what for what, pattern in (("module states", "*model_states.pt"), ("ZeRO optimizer shards",
+                                          "*optim_states.pt" if engine.zero_optimization() else None))
+               if pattern and not any(states.glob(pattern))]
+    path = None if missing else engine.load_checkpoint(directory, tag=tag)[0]
+    if path is None:
+        raise RuntimeError(f"DeepSpeed checkpoint {states} has no {' or '.join(missing) or 'loadable state'}: "
+                           "refusing to resume from untrained state")
+    return path

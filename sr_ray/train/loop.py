@@ -60,7 +60,9 @@ def train_loop(config: dict) -> None:
     from sr_ray.reminder import HarmProbe, SoftPrompt
     from sr_ray.runtime import quiet_third_party
     from sr_ray.train.config import SaptConfig
-    from sr_ray.train.deepspeed_setup import deepspeed_config, gathered_parameter, import_deepspeed, lr_scheduler
+    from sr_ray.train.deepspeed_setup import (
+        deepspeed_config, gathered_parameter, import_deepspeed, load_engine_state, lr_scheduler,
+    )
     from sr_ray.train.sapt import (
         ValCounts, Validator, build_example, calibrated_threshold, example_rng, sapt_loss, weights_sha256,
     )
@@ -89,7 +91,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
-            engine.load_checkpoint(str(Path(ckpt) / "deepspeed"), tag="state")
+            load_engine_state(engine, str(Path(ckpt) / "deepspeed"), "state")
             state = json.loads((Path(ckpt) / STATE).read_text())
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
