@@ -149,8 +149,6 @@ class SaptConfig(StageConfig):
     # The bundle's epoch: "best" = highest val/score (refusal rate on harmful + unchanged rate on benign val
     # prompts; ties: lower val L_LM, then later); "last" = the final epoch. The official picks one by hand.
     bundle_from: Literal["best", "last"] = "best"
-    # test only: rank 1 deletes this file and dies at epoch 1 step 0 if it exists (a real worker death)
-    fault_marker: str | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

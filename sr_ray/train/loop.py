@@ -44,13 +44,6 @@ def _all_gather(values: list) -> list:
     return [v for part in gathered for v in part]
 
 
-def _maybe_die(marker: str | None, rank: int, epoch: int, step: int) -> None:
-    """Fault injection for the recovery test: a real process death, once (the marker is deleted first)."""
-    if marker and rank == 1 and epoch == 1 and step == 0 and os.path.exists(marker):
-        os.remove(marker)
-        os._exit(1)
-
-
 def train_loop(config: dict) -> None:
     import ray.train
     from ray.air.integrations.mlflow import setup_mlflow
@@ -122,7 +115,6 @@ def train_loop(config: dict) -> None:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_rows))
         sums = torch.zeros(3, dtype=torch.float64)
         for step in range(steps_per_epoch):
-            _maybe_die(cfg.fault_marker, rank, epoch, step)
             start = time.perf_counter()
             batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank * micro : (rank + 1) * micro]
             rows = [train_rows[i] for i in batch]

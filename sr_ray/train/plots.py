@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> Path:
-    """ROC of P(unsafe) per split; `curves[name] = (is_unsafe, p_unsafe)`."""
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str):
+    """ROC of P(unsafe) per split; `curves[name] = (is_unsafe, p_unsafe)`. Saves the PNG at `path` and
+    returns the (closed) figure, whose lines hold the curves drawn."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -27,7 +28,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_training(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:

@@ -115,7 +115,8 @@ def run_fit_probe(cfg: ProbeFitConfig) -> tuple[Path, dict]:
     probe_dir = probe.save(out_dir / "probe")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     curves = {s: (~labels[s], 1 - probe.p_safe(torch.tensor(feats[s])).numpy()) for s in splits}
-    roc = plot_roc(curves, out_dir / "roc.png", f"harm probe on {model_id} ({cfg.feature})")
+    roc = out_dir / "roc.png"
+    plot_roc(curves, roc, f"harm probe on {model_id} ({cfg.feature})")
 
     tracking_uri = tracking.tracking_uri_for(cfg.work_dir, cfg.tracking_uri)
     run_id = tracking.start_run(tracking_uri, cfg.experiment, "fit-probe", to_dict(cfg), stage="fit-probe")

@@ -50,3 +50,14 @@ def greedy_after(vlm: VLM, prompt: Prompt, answer_ids: list[int], soft: torch.Te
             break
         tail.append(nxt)
     return tail
+
+
+def solo_answers(vlm: VLM, rows) -> list:
+    """Plain greedy answers through the engine, each row alone (batch 1): rows with `prompt`, `image` (encoded
+    bytes or None), `answer_prefix` and `max_new_tokens`."""
+    from sr_ray.infer import decode_image
+    from sr_ray.reminder import GuardedGenerator, SamplingConfig
+
+    gen = GuardedGenerator(vlm)
+    return [gen.generate([Prompt(r["prompt"], decode_image(r["image"]), answer_prefix=r["answer_prefix"])],
+                         SamplingConfig(max_new_tokens=r["max_new_tokens"]), guard=False)[0] for r in rows]
