@@ -194,7 +194,7 @@ def test_serve_cli_refuses_bad_bundles_and_configs_before_ray(cli, bundle, tmp_p
     assert code == 2 and "checksum mismatch" in err and "Traceback" not in err
     (tmp_path / "bad.yaml").write_text("limits: {max_tokenz: 3}\n")
     code, err = cli("--bundle", str(bundle), "--config", str(tmp_path / "bad.yaml"))
-    assert code == 2 and "unknown keys ['max_tokenz']" in err
+    assert code == 2 and "unknown keys ['limits.max_tokenz']; valid keys of limits:" in err
     (tmp_path / "broken.yaml").write_text("limits: [\n")
     assert cli("--config", str(tmp_path / "broken.yaml"))[0] == 2
     code, err = cli("--bundle", str(bundle), "--host", "0.0.0.0")
