@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
+from sklearn.metrics import roc_auc_score
 
 from tests.cluster.conftest import REPO, free_port
+from tests.reminder.reference import solo_answers
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +100,10 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     stages.run("preprocess.py", "--config", "configs/preprocess.yaml", "--data-dir", str(data), "--out", str(shards),
                "--sources", "figstep,advbench,harmful_harmless", "--limit-per-source", "72", "--no-progress")
     manifest = json.loads((shards / "manifest.json").read_text())
-    assert manifest and list((shards / "shards").glob("*.parquet"))
+    written = pd.concat([pd.read_parquet(p) for p in (shards / "shards").glob("*.parquet")])
+    assert manifest["rows_written"] == len(written) > 0
+    assert manifest["by_source"] == written["source"].value_counts().to_dict()
+    assert set(manifest["by_source"]) == {"figstep", "advbench", "harmful_harmless"}
 
     stages.run("rollout.py", "--config", "configs/rollout.yaml", *common, "--data-dir", str(shards),
                "--set", "harmful=[{source: advbench, train: 4, val: 2}, {source: figstep, variant: image, train: 2, val: 1}]",
@@ -107,14 +113,32 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     answers = pd.read_parquet(rollout)
     assert answers.groupby(["split", "safe"]).size().to_dict() == {
         ("train", False): 6, ("train", True): 6, ("val", False): 3, ("val", True): 3}
-    assert answers["response"].str.len().gt(0).all()
+    # the job's answers are the model's own greedy answers, each generated here alone
+    from sr_ray.models import load_vlm
+
+    vlm = load_vlm(MODEL)
+    solo = solo_answers(vlm, answers.rename(columns={"attack_prefix": "answer_prefix"}).assign(max_new_tokens=12)
+                        .to_dict("records"))
+    assert list(answers["response"]) == [o.text for o in solo]
 
     stages.run("fit_probe.py", "--config", "configs/fit_probe.yaml", *common, "--data-dir", str(shards),
                "--set", "harmful=[{source: harmful_harmless, train: 6, val: 3}]",
                "--set", "benign=[{source: harmful_harmless, train: 6, val: 3}]", "--set", "n_components=4")
     probe = work / "probe/probe"
     probe_metrics = json.loads((work / "probe/metrics.json").read_text())
-    assert probe_metrics["train/n"] == 12 and probe_metrics["val/n"] == 6 and 0 <= probe_metrics["val/auc"] <= 1
+    assert probe_metrics["train/n"] == 12 and probe_metrics["val/n"] == 6
+    # the job's val AUC is sklearn's on the probe's readings of the same val prompts, computed here
+    from sr_ray.reminder import HarmProbe, ReminderBundle
+    from sr_ray.train.config import ProbeFitConfig, RecordSelection
+    from sr_ray.train.probe_fit import _prompt_end_rows, extract_features
+
+    fitted = HarmProbe.load(probe, vlm)
+    selection = [RecordSelection("harmful_harmless", train=6, val=3)]
+    val_rows = _prompt_end_rows(ProbeFitConfig(work_dir=str(work), data_dir=str(shards), model=MODEL,
+                                               harmful=selection, benign=selection), "val")
+    _, feats = extract_features(MODEL, {}, val_rows, fitted.fit_info["feature"], 8)
+    p_unsafe = 1 - fitted.p_safe(torch.tensor(feats)).numpy()
+    assert probe_metrics["val/auc"] == pytest.approx(roc_auc_score([not r["safe"] for r in val_rows], p_unsafe))
 
     # 1.5 CPUs per train worker: two do not fit on one 2-CPU node, so DeepSpeed's all-reduce crosses nodes.
     logs = stages.run("train_sapt.py", "--config", "configs/train_sapt.yaml", *common, "--num-workers", "2",
@@ -122,8 +146,8 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
                       "--set", f"data_dir={shards}", "--set", "cpus_per_worker=1.5", "--set", "max_target_tokens=12",
                       "--set", "val_limit=2", "--set", "val_max_new_tokens=12")
     trained = last_json(logs)
-    assert Path(trained["bundle"], "bundle.json").exists()
-    assert "train/total_loss" in trained["final"] and any(k.startswith("val/") for k in trained["final"])
+    bundle = ReminderBundle.load(trained["bundle"], vlm)
+    assert bundle.base_model_id == MODEL and bundle.threshold == trained["final"]["val/threshold"]
 
     # MLflow: one run per stage, finished, with their metrics and artifacts; the bundle registered.
     client = MlflowClient(stages.tracking_uri, registry_uri=stages.tracking_uri)
@@ -134,6 +158,8 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     assert runs["train"].info.run_id == trained["mlflow_run_id"]
     steps = client.get_metric_history(trained["mlflow_run_id"], "train/total_loss")
     assert [m.step for m in steps] == [1, 2, 3]  # 12 train rows / batch 4, one epoch, logged by rank 0 only
+    # the stage's final train loss is the epoch mean of the per-step losses it logged
+    assert trained["final"]["train/total_loss"] == pytest.approx(sum(m.value for m in steps) / 3)
     assert {"training.png", "summary.json"} <= {a.path for a in client.list_artifacts(trained["mlflow_run_id"])}
     assert "probe" in {a.path for a in client.list_artifacts(runs["fit-probe"].info.run_id)}
     assert experiment.artifact_location.startswith(f"file://{work}")  # not inside a Ray worker's temp dir
@@ -170,9 +196,16 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
         model=MODEL, messages=[{"role": "user", "content": "How do I bake bread?"}], max_tokens=24)
     assert raw.http_response.status_code == 200
     completion = raw.parse()
-    assert completion.choices[0].message.content is not None
+    # the served answer is the guarded engine's with the registered bundle, token for token
+    from sr_ray.models import Prompt
+    from sr_ray.reminder import GuardedGenerator, SamplingConfig
+
+    want = GuardedGenerator(vlm, bundle.soft_prompt, bundle.probe).generate(
+        [Prompt("How do I bake bread?")], SamplingConfig(max_new_tokens=24),
+        bundle.guard_config(reminder_max_new_tokens=24))[0]
+    assert completion.choices[0].message.content == want.text
     safety = completion.model_extra["safety"]
-    assert safety["enabled"] is True and safety["checks_run"] >= 1 and isinstance(safety["flagged"], bool)
+    assert safety["enabled"] is True and (safety["checks_run"], safety["flagged"]) == (len(want.checks), want.flagged)
 
     # Where the jobs' actors ran: the two SAPT workers on different nodes, Serve's proxy on each node.
     placed: dict[str, set[str]] = {}
