@@ -6,7 +6,7 @@ file in `configs/` holds only what differs from them. `load` stacks four layers,
 1. the YAML file (`--config PATH`; `--config ''`: none, the dataclass defaults);
 2. a preset (`--preset NAME`: `configs/presets/NAME.yaml` or a path). Its top-level `model` and
    `model_kwargs` apply to every stage whose config has that field; its section named after the stage
-   (`preprocess`, `rollout`, `fit_probe`, `train`, `evaluate`, `attack`, `serve`, `demo`) to that stage only;
+   (`preprocess`, `align`, `rollout`, `fit_probe`, `train`, `evaluate`, `attack`, `serve`, `demo`) to that stage only;
 3. the stage's flags, each sugar for one field (`sr-ray evaluate --limit 40` is `--set limit=40`);
 4. `--set a.b=value`, repeatable: a dotted field path; the value is read as YAML (`2e-4`, `[a, b]`, `null`).
 
@@ -30,7 +30,7 @@ from sr_ray.config_types import ConfigError, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_SHARED = ("model", "model_kwargs")
-STAGE_SECTIONS = ("preprocess", "rollout", "fit_probe", "train", "evaluate", "attack", "serve", "demo")
+STAGE_SECTIONS = ("preprocess", "align", "rollout", "fit_probe", "train", "evaluate", "attack", "serve", "demo")
 _FLAG = "config:"  # argparse dest prefix of the flags that set a config field (the rest is the field path)
 
 

@@ -125,6 +125,8 @@ def test_flags_define_no_defaults_of_their_own():
 
 @pytest.mark.parametrize("argv, message", [
     (["preprocess", "--set", "max_side=big"], "max_side: expected int, got 'big'"),
+    (["align", "--set", "lr=fast"], "lr: expected float, got 'fast'"),
+    (["align", "--epochs", "2", "--set", "rank=[1]"], "rank: expected int"),
     (["rollout", "--set", "max_new_tokens=many"], "max_new_tokens: expected int, got 'many'"),
     (["fit-probe", "--set", "feature=middle"], "feature: expected one of ['prompt_end', 'soft_token']"),
     (["train", "--set", "lr=abc"], "lr: expected float, got 'abc'"),

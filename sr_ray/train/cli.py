@@ -81,8 +81,7 @@ def pipeline_main(command: str, argv: list[str] | None = None) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from sr_ray.train.align import AlignConfig, run_align
 
-    print(run_align(AlignConfig(data_dir=args.data_dir, out=args.out, epochs=args.epochs, harmless=args.harmless,
-                                seed=args.seed)))
+    print(run_align(from_args(AlignConfig, args, "align")))
     return 0
 
 
@@ -92,9 +91,10 @@ def add_commands(sub, bench) -> None:
         add_stage_arguments(p, command)
         p.set_defaults(func=COMMANDS[command])
     p = sub.add_parser("align", help="rebuild the embedded default's safety alignment (seeded LoRA SFT, PEFT)")
-    p.add_argument("--data-dir", help="raw data laid out like shared/data (needs refusal_direction/splits)")
-    p.add_argument("--out", default="sr_ray/models/adapters/smollm2-135m-safety", help="adapter directory")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--harmless", type=int, default=480, help="harmless_train instructions answered by the model itself")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, None, "align")
+    flag(p, "--data-dir", help="raw data laid out like shared/data (needs refusal_direction/splits)")
+    flag(p, "--out", help="adapter directory (default: the shipped one's)")
+    flag(p, "--epochs", type=int)
+    flag(p, "--harmless", type=int, help="harmless_train instructions answered by the model itself")
+    flag(p, "--seed", type=int)
     p.set_defaults(func=cmd_align)
