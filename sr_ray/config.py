@@ -1,14 +1,17 @@
-"""One config loader for every stage and pipeline: YAML file < preset < flags < `--set a.b=value`.
+"""One config loader for every stage and pipeline: YAML file < preset < environment < flags < `--set a.b=value`.
 
 A stage's settings are one typed dataclass tree whose defaults are defined once, in the dataclasses; a YAML
-file in `configs/` holds only what differs from them. `load` stacks four layers, later ones winning:
+file in `configs/` holds only what differs from them. `load` stacks five layers, later ones winning:
 
 1. the YAML file (`--config PATH`; `--config ''`: none, the dataclass defaults);
 2. a preset (`--preset NAME`: `configs/presets/NAME.yaml` or a path). Its top-level `model` and
    `model_kwargs` apply to every stage whose config has that field; its section named after the stage
    (`preprocess`, `align`, `rollout`, `fit_probe`, `train`, `evaluate`, `attack`, `serve`, `demo`) to that stage only;
-3. the stage's flags, each sugar for one field (`sr-ray evaluate --limit 40` is `--set limit=40`);
-4. `--set a.b=value`, repeatable: a dotted field path; the value is read as YAML (`2e-4`, `[a, b]`, `null`).
+3. the environment: `SR_RAY_<SECTION>__<FIELD>[__<SUBFIELD>]=value` for the stage's section
+   (`SR_RAY_TRAIN__LR=2e-4`, `SR_RAY_SERVE__LIMITS__MAX_TOKENS=512`): one cluster's settings (a job's
+   `runtime_env`, a container) without editing files;
+4. the stage's flags, each sugar for one field (`sr-ray evaluate --limit 40` is `--set limit=40`);
+5. `--set a.b=value`, repeatable: a dotted field path; the value is read as YAML (`2e-4`, `[a, b]`, `null`).
 
 Mappings merge key by key (a section sets only the keys it names), then `sr_ray.config_types.build`
 checks every value against its field's type. A mistake (unknown key, wrong type, missing file) is a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import yaml
@@ -108,13 +112,26 @@ def preset_values(name: str, cls, section: str | None) -> dict:
     return merge(values, section_values)
 
 
+def environment_sets(section: str | None, environ: dict | None = None) -> list[str]:
+    """`SR_RAY_<SECTION>__A__B=value` variables of `section` as `a.b=value` assignments (sorted)."""
+    if not section:
+        return []
+    prefix = f"SR_RAY_{section.upper()}__"
+    environ = os.environ if environ is None else environ
+    return [f"{name[len(prefix):].lower().replace('__', '.')}={value}"
+            for name, value in sorted(environ.items()) if name.startswith(prefix)]
+
+
 def load(cls, path: str | Path | None = None, *, preset: str | None = None, section: str | None = None,
          overrides: dict | None = None, sets: list[str] = (), where: str = ""):
-    """The typed `cls` from YAML `path` < `preset` < `overrides` ({dotted field: value}; None = not given)
-    < `sets` (`a.b=value` strings). `where` prefixes the keys errors name (the demo's `train.`)."""
+    """The typed `cls` from YAML `path` < `preset` < the environment (`environment_sets`) < `overrides`
+    ({dotted field: value}; None = not given) < `sets` (`a.b=value` strings). `where` prefixes the keys
+    errors name (the demo's `train.`)."""
     values = read_yaml(path) if path else {}
     if preset:
         merge(values, preset_values(preset, cls, section))
+    for text in environment_sets(section):
+        merge(values, assignment(text))
     for key, value in (overrides or {}).items():
         if value is not None:
             merge(values, nested(key, value))

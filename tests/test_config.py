@@ -81,6 +81,24 @@ def test_preset_and_override_order(tmp_path):
         stage_config("train", parse(["train", "--config", "", "--preset", str(tmp_path / "bad.yaml")]))
 
 
+def test_the_environment_sits_between_the_preset_and_the_flags(tmp_path, monkeypatch):
+    """SR_RAY_<SECTION>__<FIELD>: over the preset, under flags and --set, only for its own section."""
+    from sr_ray.train.cli import stage_config
+
+    (tmp_path / "p.yaml").write_text("train: {epochs: 5, lr: 0.002}\n")
+    monkeypatch.setenv("SR_RAY_TRAIN__EPOCHS", "9")
+    monkeypatch.setenv("SR_RAY_TRAIN__LR", "3e-3")
+    monkeypatch.setenv("SR_RAY_ROLLOUT__MAX_NEW_TOKENS", "11")
+    base = ["train", "--config", "", "--preset", str(tmp_path / "p.yaml")]
+    assert (stage_config("train", parse(base)).epochs, stage_config("train", parse(base)).lr) == (9, 3e-3)
+    assert stage_config("train", parse([*base, "--epochs", "6"])).epochs == 6
+    assert stage_config("train", parse([*base, "--set", "epochs=7"])).epochs == 7
+    assert stage_config("rollout", parse(["rollout", "--config", ""])).max_new_tokens == 11
+    monkeypatch.setenv("SR_RAY_TRAIN__EPOCHZ", "1")
+    with pytest.raises(ConfigError, match=r"unknown keys \['epochz'\]"):
+        stage_config("train", parse(base))
+
+
 def test_presets_reach_the_stages_that_have_the_field():
     from sr_ray.eval.cli import evaluate_config
 
