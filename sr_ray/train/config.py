@@ -14,6 +14,7 @@ from typing import Literal
 
 from sr_ray.config_types import ConfigError, require
 from sr_ray.reminder.guard import PAPER_INTERVAL, PAPER_THRESHOLD
+from sr_ray.reminder.soft_prompt import DEFAULT_INIT_TEXT
 
 OFFICIAL_REJECTED = "I'm sorry, but I cannot help with that."  # the official constant (DPO_dataset.py:24)
 DEFAULT_REFUSALS = [
@@ -111,7 +112,7 @@ class SaptConfig(StageConfig):
     out_dir: str | None = None  # None: <work_dir>/sapt (bundle, plots, Ray Train storage)
     # method (paper defaults)
     k: int = 4
-    init_text: str = "Refuse if partial output is unsafe; else, continue helpfully."
+    init_text: str = DEFAULT_INIT_TEXT
     epochs: int = 50
     batch_size: int = 4  # global, split evenly across workers
     lr: float = 1e-4

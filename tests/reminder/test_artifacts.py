@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sr_ray.models import load_vlm
-from sr_ray.reminder import ArtifactError, HarmProbe, ReminderBundle, SoftPrompt
+from sr_ray.reminder import DEFAULT_INIT_TEXT, ArtifactError, HarmProbe, ReminderBundle, SoftPrompt
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def llava():
 
 
 def test_soft_prompt_round_trip_and_init_from_text(llava, tmp_path):
-    sp = SoftPrompt.from_text(llava, "Refuse if partial output is unsafe; else, continue helpfully.", k=4)
-    ids = llava.tokenizer("Refuse if partial output is unsafe; else, continue helpfully.", add_special_tokens=False).input_ids[:4]
+    sp = SoftPrompt.from_text(llava, DEFAULT_INIT_TEXT, k=4)
+    ids = llava.tokenizer(DEFAULT_INIT_TEXT, add_special_tokens=False).input_ids[:4]
     torch.testing.assert_close(sp.embeddings.data, llava.embed_tokens(torch.tensor(ids)))
     sp.save(tmp_path / "sp")
     meta = json.loads((tmp_path / "sp" / "meta.json").read_text())
