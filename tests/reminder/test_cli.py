@@ -5,20 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from sr_ray.cli import main
 from sr_ray.models import load_vlm
-from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
+from tests.bundles import constant_probe_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
     vlm = load_vlm("tiny-llava")
     d = tmp_path_factory.mktemp("bundle")
-    probe = HarmProbe(torch.zeros(vlm.hidden_size), -10.0, base_model_id="tiny-llava")  # always flags
-    return ReminderBundle(SoftPrompt.from_text(vlm), probe, "tiny-llava", interval=8).save(d)
+    return constant_probe_bundle(vlm, d, bias=-10.0, interval=8)  # always flags
 
 
 def test_generate_prints_the_answer_and_the_trace(bundle_dir, tmp_path, capsys):

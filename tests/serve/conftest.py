@@ -9,18 +9,9 @@ import time
 import zlib
 
 import pytest
-import torch
 from PIL import Image
 
 from sr_ray.serve.membench import png_bomb  # noqa: F401 (re-exported for the tests)
-
-
-def constant_probe_bundle(vlm, directory, bias: float, interval: int = 4):
-    """A bundle whose probe ignores the hidden state: P(safe) = sigmoid(bias) at every check."""
-    from sr_ray.reminder import HarmProbe, ReminderBundle, SoftPrompt
-
-    probe = HarmProbe(torch.zeros(vlm.hidden_size), bias=bias, base_model_id=vlm.model_id)
-    return ReminderBundle(SoftPrompt.from_text(vlm), probe, vlm.model_id, interval=interval).save(directory)
 
 
 def png_bytes(size=(24, 24), color="red", fmt="PNG") -> bytes:

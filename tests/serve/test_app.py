@@ -34,7 +34,8 @@ from sr_ray.models import Prompt
 from sr_ray.reminder import GuardConfig, GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.serve.bench import ServeBenchConfig, free_port, run_serve_bench
 from sr_ray.serve.config import BatchingConfig, GuardPolicy, ScaleConfig, ServeConfig
-from tests.serve.conftest import constant_probe_bundle, data_url, png_bytes, scrape_ray
+from tests.bundles import constant_probe_bundle
+from tests.serve.conftest import data_url, png_bytes, scrape_ray
 from tests.serve.hostile import ADMIN_KEY, CASES, MODEL, USER_KEY, api_keys, chat, check, limits, send
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from sr_ray.serve.bench import free_port
 from sr_ray.serve.bench_mixed import MixedBenchConfig, run_mixed_bench, workload
 from sr_ray.serve.config import BatchingConfig, Limits, ScaleConfig, ServeConfig
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from sr_ray.config_types import ConfigError
 from sr_ray.serve.deploy import ServeAppArgs, app_builder
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 

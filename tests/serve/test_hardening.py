@@ -22,7 +22,8 @@ from sr_ray.serve.api import create_api
 from sr_ray.serve.audit import MAX_RECORD_BYTES
 from sr_ray.serve.config import GuardPolicy, ImageFetchConfig, ServeConfig
 from sr_ray.serve.model import GuardedModel
-from tests.serve.conftest import constant_probe_bundle, data_url
+from tests.bundles import constant_probe_bundle
+from tests.serve.conftest import data_url
 from tests.serve.hostile import CASES, FORGED_TURN, MODEL, USER_KEY, api_keys, chat, check, limits, send
 
 AUTH = {"Authorization": f"Bearer {USER_KEY}"}

@@ -8,7 +8,7 @@ from sr_ray.models import Prompt
 from sr_ray.reminder import GuardConfig, GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.reminder.engine import Check, GuardedOutput, StepEvent
 from sr_ray.serve.holdback import Releaser
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

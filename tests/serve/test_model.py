@@ -16,7 +16,7 @@ from sr_ray.serve.config import BatchingConfig, ServeConfig
 from sr_ray.serve.holdback import Chunk
 from sr_ray.serve.model import Admission, GenerationJob, GuardedModel
 from sr_ray.serve.policy import GuardChoice
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 NEVER = 0.2  # the constant P(safe) = 0.5 never falls below it
 

@@ -13,7 +13,7 @@ from sr_ray.serve.config import ApiKey, GuardPolicy, ServeConfig
 from sr_ray.serve.model import load_reminder
 from sr_ray.serve.policy import ANONYMOUS, PolicyError, authenticate, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import SafetyOptions
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 KEYS = [ApiKey("alice", sha256_hex("alice-key")), ApiKey("ops", sha256_hex("ops-key"), admin=True)]
 REPO = Path(__file__).resolve().parents[2]

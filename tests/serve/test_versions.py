@@ -18,7 +18,7 @@ from sr_ray.serve.config import ScaleConfig, ServeConfig
 from sr_ray.serve.model import GuardedModel
 from sr_ray.tracking import default_tracking_uri, start_run
 from sr_ray.train.pyfunc import log_bundle
-from tests.serve.conftest import constant_probe_bundle
+from tests.bundles import constant_probe_bundle
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import io
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from sr_ray.models import Prompt, load_vlm
-from sr_ray.reminder import GuardedGenerator, HarmProbe, ReminderBundle, SamplingConfig, SoftPrompt
+from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.tracking import default_tracking_uri, start_run
 from sr_ray.train.pyfunc import log_bundle
+from tests.bundles import constant_probe_bundle
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +23,15 @@ def vlm():
     return load_vlm("tiny-llava")
 
 
-def constant_bundle(vlm, directory, bias: float) -> ReminderBundle:
-    """P(safe) = sigmoid(bias) at every check: bias -9 flags every answer, +9 never does."""
-    probe = HarmProbe(torch.zeros(vlm.hidden_size), bias=bias, base_model_id=vlm.model_id)
-    bundle = ReminderBundle(SoftPrompt.from_text(vlm), probe, vlm.model_id, interval=4)
-    bundle.save(directory)
-    return bundle
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, vlm):
     root = tmp_path_factory.mktemp("pyfunc")
     uri = default_tracking_uri(root / "store")
     run_id = start_run(uri, "pyfunc-test", "train", stage="train")
-    flagging = constant_bundle(vlm, root / "flagging", bias=-9.0)
+    flagging = ReminderBundle.load(constant_probe_bundle(vlm, root / "flagging", bias=-9.0), vlm)
     log_bundle(root / "flagging", "reminder-pyfunc", model="tiny-llava", run_id=run_id, tracking_uri=uri,
                aliases=["champion"])
-    constant_bundle(vlm, root / "quiet", bias=9.0)
+    constant_probe_bundle(vlm, root / "quiet", bias=9.0)
     log_bundle(root / "quiet", "reminder-pyfunc", model="tiny-llava", run_id=run_id, tracking_uri=uri)
     return uri, flagging
 
