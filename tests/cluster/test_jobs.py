@@ -177,11 +177,16 @@ def test_pipeline_as_ray_jobs_on_two_nodes(local_cluster, tmp_path):
     assert set(metrics) == {"undefended", "safety_reminder"}
     assert all(set(m) == {"figstep", "advbench", "harmless"} and all(b["n"] == 2 for b in m.values())
                for m in metrics.values())
-    assert (work / "eval/report.html").exists()
+    from sr_ray.eval.report import fmt
+
+    report = (work / "eval/report.md").read_text()
+    for bench in ("figstep", "advbench"):  # the report's ASR table holds this run's figures
+        assert "| " + " | ".join([bench, *(fmt(metrics[s][bench]["asr_full"]) for s in metrics)]) + " |" in report
+    assert (work / "eval/report.html").stat().st_size > len(report)
     [evaluation] = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sr_ray.stage") == "evaluate"]
     assert evaluation.info.status == "FINISHED"
     assert evaluation.data.metrics["safety_reminder.advbench.n"] == 2
-    assert "metrics.json" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"metrics.json", "report.html", "report.md"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
 
     # Serve the registered bundle on the cluster (the job returns once the app runs), query it over HTTP.
     port = free_port()
