@@ -9,6 +9,8 @@ would not do: FigStep and MM-SafetyBench image variants share one generic instru
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -23,15 +25,23 @@ def item_text(prompt: str | None, original_question: str | None) -> str:
     return normalise(original_question or prompt or "")
 
 
-def evaluation_texts(out_dir: str | Path) -> set[str]:
+def evaluation_texts(out_dir: str | Path) -> frozenset[str]:
     """The item texts of every test-split record of a preprocessed output dir, all sources."""
-    import pyarrow.dataset as pads
-
     from sr_ray.data import SHARDS
 
     files = sorted(str(p) for p in (Path(out_dir) / SHARDS).glob("*.parquet"))
-    if not files:
-        return set()
-    table = pads.dataset(files, format="parquet").to_table(
+    return _test_item_texts(tuple((f, os.stat(f).st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _test_item_texts(shards: tuple[tuple[str, int], ...]) -> frozenset[str]:
+    """Read once per set of shard files (a rollout selects per selection and split); the mtimes in the key
+    make a rewritten output dir read again."""
+    import pyarrow.dataset as pads
+
+    if not shards:
+        return frozenset()
+    table = pads.dataset([f for f, _ in shards], format="parquet").to_table(
         columns=["prompt", "original_question"], filter=pads.field("split") == "test")
-    return {item_text(p, q) for p, q in zip(table.column("prompt").to_pylist(), table.column("original_question").to_pylist())}
+    return frozenset(item_text(p, q) for p, q in
+                     zip(table.column("prompt").to_pylist(), table.column("original_question").to_pylist()))

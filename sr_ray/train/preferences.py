@@ -40,7 +40,7 @@ def select_records(data_dir: str | Path, selections: list[RecordSelection], labe
     from sr_ray.data import load_records
     from sr_ray.data.overlap import evaluation_texts, item_text
 
-    held_out = evaluation_texts(data_dir) if split != "test" else set()
+    held_out = evaluation_texts(data_dir) if split != "test" else frozenset()
     chosen = []
     for sel in selections:
         records = load_records(data_dir, source=sel.source, variant=sel.variant, split=split, label=label)
