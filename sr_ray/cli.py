@@ -25,8 +25,10 @@ COMMANDS = {
     "fit-probe": ("sr_ray.train.cli", "fit the harm probe (PCA-20 -> 4 -> LR), val AUC + ROC"),
     "train": ("sr_ray.train.cli", "SAPT on Ray Train + DeepSpeed -> registered reminder bundle"),
     "align": ("sr_ray.train.cli", "rebuild the embedded default's safety alignment (seeded LoRA SFT, PEFT)"),
+    "calibrate-blind": ("sr_ray.train.cli", "add the image-blind check to a bundle (threshold from benign val answers)"),
     "evaluate": ("sr_ray.eval.cli", "ASR / over-refusal of the systems on the benchmarks (Ray Data actor pool)"),
     "attack": ("sr_ray.eval.cli", "craft PGD / adaptive-PGD images or GCG suffixes as an evaluation dataset"),
+    "robustness": ("sr_ray.eval.cli", "adaptive-PGD steps sweep: ASR and flag rate vs steps, SafetyReminder vs a robust variant"),
     "report": ("sr_ray.eval.cli", "one self-contained HTML page (+ Markdown) for an evaluation run"),
     "demo": ("sr_ray.demo", "preprocess -> rollout -> fit-probe -> train -> evaluate -> report"),
 }

@@ -6,7 +6,8 @@ file in `configs/` holds only what differs from them. `load` stacks five layers,
 1. the YAML file (`--config PATH`; `--config ''`: none, the dataclass defaults);
 2. a preset (`--preset NAME`: `configs/presets/NAME.yaml` or a path). Its top-level `model` and
    `model_kwargs` apply to every stage whose config has that field; its section named after the stage
-   (`preprocess`, `align`, `rollout`, `fit_probe`, `train`, `evaluate`, `attack`, `serve`, `demo`) to that stage only;
+   (`preprocess`, `align`, `rollout`, `fit_probe`, `train`, `calibrate_blind`, `evaluate`, `attack`, `robustness`,
+   `serve`, `demo`) to that stage only;
 3. the environment: `SR_RAY_<SECTION>__<FIELD>[__<SUBFIELD>]=value` for the stage's section
    (`SR_RAY_TRAIN__LR=2e-4`, `SR_RAY_SERVE__LIMITS__MAX_TOKENS=512`): one cluster's settings (a job's
    `runtime_env`, a container) without editing files;
@@ -34,7 +35,8 @@ from sr_ray.config_types import ConfigError, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_SHARED = ("model", "model_kwargs")
-STAGE_SECTIONS = ("preprocess", "align", "rollout", "fit_probe", "train", "evaluate", "attack", "serve", "demo")
+STAGE_SECTIONS = ("preprocess", "align", "rollout", "fit_probe", "train", "calibrate_blind", "evaluate", "attack",
+                  "robustness", "serve", "demo")
 _FLAG = "config:"  # argparse dest prefix of the flags that set a config field (the rest is the field path)
 
 
@@ -162,6 +164,11 @@ def flag(parser, *names: str, field: str | None = None, **kwargs) -> None:
 def csv_list(value: str) -> list[str]:
     """A flag's `a,b,c` as a list."""
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def csv_ints(value: str) -> list[int]:
+    """A flag's `1,2,3` as a list of ints."""
+    return [int(v) for v in csv_list(value)]
 
 
 def from_args(cls, args: argparse.Namespace, section: str, **values):

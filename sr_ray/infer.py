@@ -2,6 +2,10 @@
 
 A `SystemsPredictor` loads the VLM (and the reminder bundle) once and answers a batch of rows under each
 requested system; `run_inference` runs it as a Ray Data actor pool so each actor pays the model load once.
+Each call decodes through the continuous scheduler, `batch_size` rows at a time: a row that ends (a short
+refusal) leaves and the next row takes its slot, instead of the slot idling until the batch's longest answer
+ends. Checks stay at each row's own positions (`check_steps="own"`, the paper's), so the outputs are the
+fixed-batch ones (fp32: up to rounding); `sr-ray bench batch` measures both side by side.
 Rows are dicts with at least `prompt` and optionally `image` (encoded bytes); other columns pass through.
 """
 
@@ -17,6 +21,9 @@ from PIL import Image
 
 from sr_ray.models import Prompt, load_vlm
 from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
+from sr_ray.reminder.scheduler import ContinuousScheduler, SchedulerConfig
+
+UNBOUNDED = 1 << 30  # offline: prefill each prompt whole (no row waits on it) and no KV budget (as a fixed batch)
 
 # Self-Reminder baseline (Xie et al. 2023) exactly as the official SafetyReminder repo applies it: the
 # sentence joins the system prompt and is also appended to every user question (SelfReminder.py:6-10).
@@ -37,7 +44,8 @@ class InferenceConfig:
     reminder_max_new_tokens: int = 256
     interval: int | None = None  # None: the bundle's
     threshold: float | None = None  # None: the bundle's
-    batch_size: int = 8
+    batch_size: int = 8  # rows decoding at once in an actor
+    rows_per_call: int = 32  # rows handed to one actor call: its scheduler refills finished rows' slots from them
     concurrency: int = 1  # actors in the pool
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # 1 on GPU clusters: Ray places each actor on its own GPU
@@ -75,6 +83,9 @@ class SystemsPredictor:
         self.generator = GuardedGenerator(
             self.vlm, self.bundle.soft_prompt if self.bundle else None, self.bundle.probe if self.bundle else None
         )
+        self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(
+            max_batch_size=self.cfg.batch_size, kv_budget_tokens=UNBOUNDED, prefill_chunk_tokens=UNBOUNDED,
+            check_steps="own"))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         base = [
@@ -86,7 +97,7 @@ class SystemsPredictor:
         for system in self.cfg.systems:
             prompts, guards = zip(*(system_request(system, p, self.bundle, self.cfg) for p in base))
             start = time.perf_counter()
-            outs = self.generator.generate(list(prompts), sampling, guard=list(guards))
+            outs = self.scheduler.generate(list(prompts), sampling, guard=list(guards))
             latency = (time.perf_counter() - start) / len(outs)
             frame = batch.drop(columns=[c for c in ("image",) if c in batch]).copy()
             frame["system"] = system
@@ -114,11 +125,12 @@ def run_inference(rows: list[dict] | pd.DataFrame, cfg: InferenceConfig) -> pd.D
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if frame.empty:
         return frame
-    ds = ray.data.from_pandas(frame).repartition(max(1, -(-len(frame) // cfg.batch_size)))
+    blocks = max(cfg.concurrency, -(-len(frame) // cfg.rows_per_call))  # every actor gets work
+    ds = ray.data.from_pandas(frame).repartition(min(blocks, len(frame)))
     out = ds.map_batches(
         SystemsPredictor,
         fn_constructor_kwargs={"cfg": asdict(cfg)},
-        batch_size=cfg.batch_size,
+        batch_size=-(-len(frame) // min(blocks, len(frame))),
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sr_ray.config import add_arguments, csv_list, flag, from_args
+from sr_ray.config import add_arguments, csv_ints, csv_list, flag, from_args
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +100,8 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
         flag(k, "--epsilon", field="pgd.epsilon", type=float, help="PGD L-inf radius in [0,1] units (official 64/255)")
         flag(k, "--step-size", field="pgd.step_size", type=float, help="PGD step (official 1/255)")
         flag(k, "--batch-size", field="pgd.batch_size", type=int, help="PGD goals per step (official 4)")
+        flag(k, "--sweep", field="pgd.snapshots", type=csv_ints,
+             help="steps sweep: also write the image after each of these step counts as OUT/steps_<n> (e.g. 0,12,60)")
 
 
 def attack_config(args: argparse.Namespace):
@@ -124,6 +126,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+ROBUSTNESS_HELP = "adaptive-PGD steps sweep: ASR and flag rate vs steps, SafetyReminder vs a robust variant"
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from sr_ray.eval.sweep import SweepConfig, run_sweep
+
+    cfg = from_args(SweepConfig, args, "robustness")
+    for row in run_sweep(cfg):
+        print(json.dumps(row))
+    print(f"sweep: {cfg.out}/sweep.json, {cfg.out}/sweep.png")
+    return 0
+
+
 def add_commands(sub, bench) -> None:
     ev = sub.add_parser("evaluate", help="ASR / over-refusal of the systems on the benchmarks (Ray Data actor pool)")
     add_evaluate_arguments(ev)
@@ -132,6 +147,18 @@ def add_commands(sub, bench) -> None:
     at = sub.add_parser("attack", help="craft PGD / adaptive-PGD images or GCG suffixes as an evaluation dataset")
     add_attack_arguments(at)
     at.set_defaults(func=cmd_attack)
+
+    rb = sub.add_parser("robustness", help=ROBUSTNESS_HELP)
+    add_arguments(rb, None, "robustness")
+    flag(rb, "--robust-bundle", help="the bundle with the robust option (e.g. `sr-ray calibrate-blind` output)")
+    flag(rb, "--bundle", help="the plain bundle (default: the model's shipped one)")
+    flag(rb, "--processed-dir")
+    flag(rb, "--data-dir")
+    flag(rb, "--model")
+    flag(rb, "--steps", type=csv_ints, help="attack step counts of the sweep (default 0,12,60)")
+    flag(rb, "--n-test", type=int, help="AdvBench test goals evaluated (32)")
+    flag(rb, "--out")
+    rb.set_defaults(func=cmd_robustness)
 
     rep = sub.add_parser("report", help="one self-contained HTML page (+ Markdown) for an evaluation run")
     rep.add_argument("run_dir")

@@ -27,6 +27,7 @@ class DecodeBatch:
         self.vlm, self.rows, self.cache, self.mask = vlm, rows, cache, mask
         self.next_pos, self.logits = next_pos, logits
         self.finished = False  # set by the engine when no row has anything left to feed or check
+        self.clock = 0  # decode steps that fed a token; rows that join keep the running batch's clock
 
     def __len__(self) -> int:
         return len(self.rows)

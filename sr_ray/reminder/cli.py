@@ -1,4 +1,4 @@
-"""`sr-ray generate` (guarded generation with its trace) and `sr-ray bench guard`."""
+"""`sr-ray generate` (guarded generation with its trace), `sr-ray bench guard` and `sr-ray bench batch`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def add_commands(sub, bench) -> None:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--out", help="write the JSON result here")
     b.set_defaults(func=bench_guard)
+
+    bb = bench.add_parser("batch", help="offline batch inference: fixed batches vs the continuous scheduler")
+    bb.add_argument("--model", default="smol-llava")
+    bb.add_argument("--rows", type=int, default=32)
+    bb.add_argument("--batch-size", type=int, default=8)
+    bb.add_argument("--max-new-tokens", type=int, default=128)
+    bb.add_argument("--repeats", type=int, default=2)
+    bb.add_argument("--out", help="write the JSON result here")
+    bb.set_defaults(func=bench_batch)
 
 
 def _load_parts(args, vlm):
@@ -89,6 +98,17 @@ def bench_guard(args) -> int:
     cfg = GuardBenchConfig(model=args.model, new_tokens=args.new_tokens, interval=interval,
                            image_tokens=args.image_tokens, repeats=args.repeats, dtype=args.dtype)
     result = run_guard_bench(cfg)
+    print(format_table(result))
+    save_result(result, args.out)
+    return 0
+
+
+def bench_batch(args) -> int:
+    from sr_ray.reminder.bench import save_result
+    from sr_ray.reminder.bench_batch import BatchBenchConfig, format_table, run_batch_bench
+
+    result = run_batch_bench(BatchBenchConfig(model=args.model, rows=args.rows, batch_size=args.batch_size,
+                                              max_new_tokens=args.max_new_tokens, repeats=args.repeats))
     print(format_table(result))
     save_result(result, args.out)
     return 0

@@ -44,6 +44,7 @@ class Check:
     position: int  # answer tokens the check covered
     p_safe: float
     flagged: bool
+    p_safe_blind: float | None = None  # the image-blind twin's reading (GuardConfig.blind_threshold)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class GuardedOutput:
     def trace(self) -> dict:
         return dict(
             checks=[c.position for c in self.checks], p_safe=[round(c.p_safe, 4) for c in self.checks],
+            **({"p_safe_blind": [round(c.p_safe_blind, 4) for c in self.checks]}
+               if self.checks and self.checks[0].p_safe_blind is not None else {}),
             flagged_at=self.flagged_at, tokens_before_flag=self.tokens_before_flag,
             finish_reason=self.finish_reason, extra_prefill_tokens=self.extra_prefill_tokens,
         )
@@ -99,15 +102,21 @@ class _Row:
     done: bool = False
     finish_reason: str = ""
     emitted: bool = False  # its final output event was sent
+    twin_of: "_Row | None" = None  # set on an image-blind twin: it mirrors this row's tokens and checks
 
-    def scheduled(self) -> bool:
+    def due(self, clock: int | None) -> bool:
+        """Whether a check is due now: at the row's own answer length (`clock` None), or on the batch's shared
+        check steps (`clock`: the batch's feed steps), and in any case after `interval` unchecked tokens."""
         n, g = len(self.answer), self.guard
-        if n == 0:
+        if n == self.last_checked:
             return False
-        return n % g.interval == (g.interval - 1 if g.schedule == "official" else 0)
+        at = g.interval - 1 if g.schedule == "official" else 0
+        if clock is None:
+            return n % g.interval == at
+        return clock % g.interval == at or n - self.last_checked >= g.interval
 
 
-def _per_row(value, n: int) -> list:
+def per_row(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
@@ -131,14 +140,23 @@ class GuardedGenerator:
     def stream(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> Iterator[list[StepEvent]]:
         """Yield the per-step events of a batch. `sampling`/`guard` may be per-row lists; guard=False is plain decoding."""
         n = len(prompts)
-        guards = [self.guard_config(g) for g in _per_row(guard, n)]
-        samplings = _per_row(sampling or SamplingConfig(), n)
+        guards = [self.guard_config(g) for g in per_row(guard, n)]
+        samplings = per_row(sampling or SamplingConfig(), n)
         rows = [self.new_row(i, s, g) for i, (s, g) in enumerate(zip(samplings, guards))]
-        embedded = self.vlm.embed(self.vlm.encode(prompts))
-        yield from self._decode(embedded, rows)
+        blind, twins = self.twins(prompts, rows)
+        embedded = self.vlm.embed(self.vlm.encode(prompts + blind))
+        yield from self._decode(embedded, rows + twins)
         second = [i for i, r in enumerate(rows) if r.flagged_at is not None and r.guard.mode == "official"]
         if second:
             yield from self._official_second_pass(prompts, rows, second)
+
+    @staticmethod
+    def twins(prompts: list[Prompt], rows: list[_Row]) -> tuple[list[Prompt], list[_Row]]:
+        """The image-blind twins of the rows whose guard asks for them: the prompt without its image (the
+        answer prefix kept), decoded beside its row in the same batch, fed the row's tokens and checked with it."""
+        pairs = [(replace(p, image=None), _Row(r.key, r.sampling, None, None, 0, twin_of=r, emitted=True))
+                 for p, r in zip(prompts, rows) if r.guard is not None and r.guard.blind_threshold is not None]
+        return [p for p, _ in pairs], [t for _, t in pairs]
 
     def guard_config(self, guard: bool | GuardConfig | None) -> GuardConfig | None:
         """A request's guard setting resolved (True: the generator's default; False/None: unguarded)."""
@@ -168,7 +186,7 @@ class GuardedGenerator:
         tokens = logits.argmax(-1).tolist()
         for b, row in enumerate(rows):
             s = row.sampling
-            if row.done or not s.do_sample or s.temperature <= 0:
+            if row.done or row.twin_of is not None or not s.do_sample or s.temperature <= 0:
                 continue
             probs = torch.softmax(logits[b].float() / s.temperature, -1)
             if s.top_p < 1.0:
@@ -197,14 +215,19 @@ class GuardedGenerator:
             if events:
                 yield events
 
-    def step(self, batch: DecodeBatch) -> list[StepEvent]:
-        """One decode step of `batch`: sample, account, feed the tokens (and the soft prompt for due checks)."""
+    def step(self, batch: DecodeBatch, shared_checks: bool = False) -> list[StepEvent]:
+        """One decode step of `batch`: sample, account, feed the tokens (and the soft prompt for due checks).
+
+        `shared_checks`: rows check on the batch's shared steps (every `interval` feed steps of the batch)
+        instead of at their own multiples of `interval`, so rows that joined at different steps still check in
+        the same (wider) forward. In a batch whose rows all started together both rules give the same
+        positions; a row that joined late gets its first check earlier (after 1..interval tokens)."""
         vlm, rows = self.vlm, batch.rows
         tokens = self._sample(batch.logits, rows)
         events: dict[int, StepEvent] = {}
         feed = [False] * len(rows)
         for b, row in enumerate(rows):
-            if row.done:
+            if row.done or row.twin_of is not None:
                 continue
             if row.budget <= 0 or (tokens[b] in vlm.eos_token_ids and not row.sampling.ignore_eos):
                 self._end(row, "length" if row.budget <= 0 else "stop")
@@ -213,11 +236,18 @@ class GuardedGenerator:
                 row.budget -= 1
                 feed[b] = True
                 events[b] = StepEvent(row.key, [tokens[b]])
+        batch.clock += any(feed)
+        clock = batch.clock if shared_checks else None
         check = [
             not row.done and row.guard is not None and row.flagged_at is None
-            and ((feed[b] and row.scheduled()) or bool(row.end_pending))
+            and ((feed[b] and row.due(clock)) or bool(row.end_pending))
             for b, row in enumerate(rows)
         ]
+        at = {id(row): b for b, row in enumerate(rows)}
+        for b, row in enumerate(rows):  # a twin is fed its row's token and checked with it, until the row ends
+            if row.twin_of is not None:
+                m = at[id(row.twin_of)]
+                tokens[b], feed[b], check[b], row.done = tokens[m], feed[m], check[m], rows[m].done
         for b, row in enumerate(rows):  # rows that just finished without an end check
             if row.done and not row.emitted:
                 row.emitted = True
@@ -263,12 +293,16 @@ class GuardedGenerator:
     def _apply_checks(self, h_last, rows, check, events, logits, tokens) -> list[bool] | None:
         """Run the probe on checked rows; return per-row 'keep the reminder in the cache' (None if none)."""
         p_safe = self.probe.p_safe(h_last).tolist()
+        twin = {id(row.twin_of): b for b, row in enumerate(rows) if row.twin_of is not None}
         keep = [False] * len(rows)
         for b, row in enumerate(rows):
-            if not check[b]:
+            if not check[b] or row.twin_of is not None:
                 continue
-            threshold = row.guard.threshold if row.guard.threshold is not None else self.probe.threshold
-            result = Check(len(row.answer), p_safe[b], p_safe[b] < threshold)
+            g = row.guard
+            threshold = g.threshold if g.threshold is not None else self.probe.threshold
+            blind = p_safe[twin[id(row)]] if g.blind_threshold is not None else None
+            flagged = p_safe[b] < threshold or (blind is not None and blind < g.blind_threshold)
+            result = Check(len(row.answer), p_safe[b], flagged, blind)
             row.checks.append(result)
             row.last_checked = len(row.answer)
             ev = events.setdefault(b, StepEvent(row.key, []))
@@ -279,7 +313,7 @@ class GuardedGenerator:
                     ev.output = self._output(row)
                 continue
             row.flagged_at = len(row.answer)
-            if row.guard.mode == "official":
+            if g.mode == "official":
                 # Parity: the flagged row still receives this step's token, then stops for the re-prefill.
                 nxt = int(logits[b].argmax()) if not row.end_pending else None
                 if nxt is not None and nxt not in self.vlm.eos_token_ids:
@@ -290,7 +324,7 @@ class GuardedGenerator:
             else:
                 keep[b] = True
                 row.end_pending = ""
-                row.budget = row.guard.reminder_max_new_tokens
+                row.budget = g.reminder_max_new_tokens
         return keep if any(keep) else None
 
     def _end(self, row: _Row, reason: str) -> None:

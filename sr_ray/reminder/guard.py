@@ -32,6 +32,9 @@ class GuardConfig:
     schedule: Literal["every", "official"] = "every"
     check_at_end: bool = True  # also check at EOS / budget end (covers short answers and the tail)
     reminder_max_new_tokens: int = 256  # budget after a flag (the official second pass gets 256)
+    # The image-blind check (a robust option, docs/robustness.md): each check also reads the answer as a text-only
+    # twin (the prompt without its image) and flags when that reading's P(safe) < blind_threshold. None: off.
+    blind_threshold: float | None = None
 
     def override(self, **settings) -> GuardConfig:
         """A copy with each setting that is given (not None) replacing this config's value."""

@@ -10,7 +10,10 @@ One `step()` is one scheduler iteration:
   4. prefill admitted requests, at most `prefill_chunk_tokens` prompt tokens per iteration (so a long prompt
      stalls the decoding rows by one chunk's forward at a time), then merge them into the running batch;
   5. one guarded decode step of the running batch (per-row sampling, guard state, fused checks, hold-back
-     events as in `GuardedGenerator.stream`); finished rows leave.
+     events as in `GuardedGenerator.stream`); finished rows leave. Checks fall on the batch's shared steps
+     by default (`check_steps`): a fused check widens the whole batch's forward, so rows that joined at
+     different steps would otherwise widen different steps (on CPU a 5-wide step of 8 rows costs ~3.4x a
+     1-wide one, docs/core.md).
 A row flagged in `mode="official"` leaves and comes back as its re-prefilled continuation.
 
 KV budget: the running batch's cache is a rectangle of rows x columns (left-padded, see `batch.py`); its
@@ -32,12 +35,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from sr_ray.models.vlm import Prompt, PromptBatch
 from sr_ray.reminder.batch import DecodeBatch, Prefill
-from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent
+from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, per_row
 from sr_ray.reminder.guard import GuardConfig
 
 
@@ -47,6 +51,10 @@ class SchedulerConfig:
     kv_budget_tokens: int = 32768  # cache columns x rows the running batch may hold
     prefill_chunk_tokens: int = 128  # prompt tokens prefilled per iteration while other rows decode
     stuck_after_s: float = 30.0  # `check()` fails when an iteration with work pending takes longer
+    # "shared": every row checks on the batch's check steps (one wide forward per `interval` steps however the
+    # rows joined; a late row's checks shift by its join phase); "own": at its own multiples of `interval`
+    # (token-identical to decoding alone, but rows that joined apart widen different steps)
+    check_steps: Literal["shared", "own"] = "shared"
 
 
 @dataclass(eq=False)
@@ -60,7 +68,8 @@ class Ticket:
     on_events: Callable[[list[StepEvent]], None]  # called on the scheduler's thread
     on_error: Callable[[BaseException], None] | None
     encoded: PromptBatch
-    reserved: int
+    reserved: int  # KV columns per cache row
+    rows: int = 1  # cache rows: 2 with an image-blind twin
     cancelled: bool = False
     done: bool = False
     first_row: object | None = None  # official mode: the flagged first pass, while its follow-up runs
@@ -114,10 +123,12 @@ class ContinuousScheduler:
         guard = self.gen.guard_config(guard)
         encoded = encoded if encoded is not None else self.vlm.encode([prompt])
         need = self.reservation(int(encoded.attention_mask.sum()), sampling, guard)
-        if need > self.config.kv_budget_tokens:
-            raise ValueError(f"the request needs {need} KV-cache tokens (prompt + max_tokens + reminder), above "
-                             f"this server's budget of {self.config.kv_budget_tokens}")
-        ticket = Ticket(next(self._ids), prompt, sampling, guard, on_events, on_error, encoded, need)
+        rows = 2 if guard is not None and guard.blind_threshold is not None else 1
+        if need * rows > self.config.kv_budget_tokens:
+            raise ValueError(f"the request needs {need * rows} KV-cache tokens (prompt + max_tokens + reminder"
+                             f"{', twice: image-blind check' if rows == 2 else ''}), above this server's budget of "
+                             f"{self.config.kv_budget_tokens}")
+        ticket = Ticket(next(self._ids), prompt, sampling, guard, on_events, on_error, encoded, need, rows)
         self._inbox.append(ticket)
         self._wake.set()
         return ticket
@@ -130,15 +141,16 @@ class ContinuousScheduler:
         return future
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None,
-                 guard: bool | GuardConfig | None = True) -> list[GuardedOutput]:
-        """Decode all prompts through the scheduler on the caller's thread (no driver thread may be running)."""
+                 guard: bool | GuardConfig | None | list = True) -> list[GuardedOutput]:
+        """Decode all prompts through the scheduler on the caller's thread (no driver thread may be running);
+        `guard` may be a per-prompt list, as in `GuardedGenerator.generate`."""
         outputs: dict[int, GuardedOutput] = {}
 
         def collect(i):
             return lambda events: outputs.update({i: ev.output for ev in events if ev.output is not None})
 
-        for i, prompt in enumerate(prompts):
-            self.submit(prompt, sampling, guard, collect(i))
+        for i, (prompt, g) in enumerate(zip(prompts, per_row(guard, len(prompts)))):
+            self.submit(prompt, sampling, g, collect(i))
         while self.step():
             pass
         return [outputs[i] for i in range(len(prompts))]
@@ -195,14 +207,17 @@ class ContinuousScheduler:
             t = self._waiting[0]
             live = [self._tickets[r.key] for r in (self._running.rows if self._running else [])]
             live += [x[0] for x in self._prefilling]
-            rows = len(live) + 1
+            live = list({id(x): x for x in live}.values())  # a ticket with a twin holds two rows
+            rows = sum(x.rows for x in live) + t.rows
             width = max([x.reserved for x in live] + [t.reserved])
-            if rows > cfg.max_batch_size or rows * width > cfg.kv_budget_tokens:
+            if len(live) + 1 > cfg.max_batch_size or rows * width > cfg.kv_budget_tokens:
                 return  # in order: a large request is not overtaken forever by small ones
             self._waiting.popleft()
             self._tickets[t.id] = t
             row = self.gen.new_row(t.id, t.sampling, t.guard)
-            self._prefilling.append((t, Prefill(self.vlm, self.vlm.embed(t.encoded), [row])))
+            blind, twins = self.gen.twins([t.prompt], [row])
+            encoded = self.vlm.encode([t.prompt] + blind) if twins else t.encoded
+            self._prefilling.append((t, Prefill(self.vlm, self.vlm.embed(encoded), [row] + twins)))
 
     def _prefill(self) -> None:
         # Chunked even when nothing decodes: an iteration stays short, so `check()` can tell slow from stuck.
@@ -226,7 +241,7 @@ class ContinuousScheduler:
         self.stats.steps += 1
         self.stats.max_rows = max(self.stats.max_rows, len(batch))
         self.stats.max_kv_tokens = max(self.stats.max_kv_tokens, len(batch) * batch.columns)
-        events = self.gen.step(batch)
+        events = self.gen.step(batch, shared_checks=self.config.check_steps == "shared")
         for ev in events:
             t = self._tickets[ev.row]
             if ev.output is not None and t.first_row is not None:  # the end of an official follow-up
@@ -241,7 +256,8 @@ class ContinuousScheduler:
             embedded, subs, prefill = self.gen.official_followup([t.prompt], [row])
             t.first_row, t.followup_prefill = row, prefill[0]
             self._prefilling.append((t, Prefill(self.vlm, embedded, subs)))
-        self._keep_rows(lambda row: not (row.done and row.emitted) and not batch.finished)
+        self._keep_rows(lambda row: not ((row.twin_of or row).done and (row.twin_of or row).emitted)
+                        and not batch.finished)
 
     def _keep_rows(self, keep: Callable) -> None:
         batch = self._running
@@ -310,4 +326,4 @@ class ContinuousScheduler:
 
 
 def _row_of(batch: DecodeBatch, key: int):
-    return next(r for r in batch.rows if r.key == key)
+    return next(r for r in batch.rows if r.key == key and r.twin_of is None)

@@ -47,6 +47,7 @@ class BatchingConfig:
     kv_budget_tokens: int = 32768  # continuous: cache rows x columns; requests wait when it is full
     prefill_chunk_tokens: int = 128  # continuous: prompt tokens prefilled between two decode steps
     separate_check: bool = False  # the check as its own forward: bf16 never-flagged rows = plain (docs/core.md)
+    check_steps: Literal["shared", "own"] = "shared"  # continuous: rows check on the batch's shared steps
     stuck_after_s: float = 30.0  # check_health fails when one decode iteration runs longer
     batch_wait_timeout_s: float = 0.02  # static only
     max_concurrent_batches: int = 1  # static only: >1 lets a new batch start while one is still decoding

@@ -76,7 +76,8 @@ class GuardedModel:
         if b.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(
                 max_batch_size=b.max_batch_size, kv_budget_tokens=b.kv_budget_tokens,
-                prefill_chunk_tokens=b.prefill_chunk_tokens, stuck_after_s=b.stuck_after_s)).start()
+                prefill_chunk_tokens=b.prefill_chunk_tokens, stuck_after_s=b.stuck_after_s,
+                check_steps=b.check_steps)).start()
         else:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr_ray_model")
             self._static_batches = 0

@@ -85,6 +85,13 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_blind(args: argparse.Namespace) -> int:
+    from sr_ray.train.blind import BlindConfig, run_calibrate_blind
+
+    print(json.dumps(run_calibrate_blind(from_args(BlindConfig, args, "calibrate_blind")), indent=2))
+    return 0
+
+
 def add_commands(sub, bench) -> None:
     for command, (_, _, _, help_text) in STAGES.items():
         p = sub.add_parser(command, help=help_text)
@@ -98,3 +105,12 @@ def add_commands(sub, bench) -> None:
     flag(p, "--harmless", type=int, help="harmless_train instructions answered by the model itself")
     flag(p, "--seed", type=int)
     p.set_defaults(func=cmd_align)
+    p = sub.add_parser("calibrate-blind", help="add the image-blind check to a bundle (threshold from benign val answers)")
+    add_arguments(p, None, "calibrate_blind")
+    flag(p, "--bundle", help="the reminder bundle directory")
+    flag(p, "--processed-dir", help="`sr-ray preprocess` output (only its val splits are read)")
+    flag(p, "--out", help="the new bundle directory")
+    flag(p, "--model")
+    flag(p, "--benign", type=int, help="benign val answers to calibrate on (64)")
+    flag(p, "--harmful", type=int, help="jailbroken harmful val answers to measure the flag rate on (48)")
+    p.set_defaults(func=cmd_calibrate_blind)

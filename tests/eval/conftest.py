@@ -62,12 +62,12 @@ def processed_dir(eval_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pgd_attack_dir(processed_dir, tmp_path_factory):
-    """A 2-step PGD run on tiny-llava: an `advbench_pgd` dataset of 3 test goals."""
+    """A 2-step PGD run on tiny-llava: an `advbench_pgd` dataset of 3 test goals (and the 1-step image's)."""
     from sr_ray.eval.attacks.runner import AttackConfig, run_attack
 
     out = tmp_path_factory.mktemp("attack_pgd")
     cfg = AttackConfig(attack="pgd", out=str(out), processed_dir=str(processed_dir), model="tiny-llava",
-                       n_train=4, n_test=3, pgd=dict(steps=2, batch_size=2))
+                       n_train=4, n_test=3, pgd=dict(steps=2, batch_size=2, snapshots=[1]))
     return run_attack(cfg)
 
 

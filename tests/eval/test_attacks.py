@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sr_ray.config import load
-from sr_ray.eval.attacks.dataset import attack_rows
+from sr_ray.eval.attacks.dataset import attack_rows, read_attack_info
 from sr_ray.eval.attacks.gcg import GCGConfig, _text_tokenizer, run_gcg
 from sr_ray.eval.attacks.pgd import PGDConfig, PGDObjective, PixelPath, pgd_target, quantize, run_pgd
 from sr_ray.eval.attacks.runner import AttackConfig
@@ -68,6 +68,44 @@ def test_adaptive_pgd_raises_the_guards_p_safe(llava, tiny_bundle):
     assert {"probe_loss", "reminder_loss", "flag_rate"} <= set(record["history"][0])
 
 
+def test_the_adaptive_objective_reaches_every_defense_component(llava, tiny_bundle):
+    """The gradient of each term of the adaptive loss with respect to the image: the target, the guard's check
+    and the continuation after the reminder all depend on it; the image-blind reading cannot (zero gradient)."""
+    bundle = ReminderBundle.load(tiny_bundle, llava)
+    bundle.blind_threshold = 0.5
+    pixels = PixelPath(llava)
+    objective = PGDObjective(llava, pixels, PGDConfig(adaptive=True), bundle)
+    goals, targets = [g for g, _ in PAIRS], [pgd_target(t) for _, t in PAIRS]
+    x = pixels.fit(photo()).requires_grad_(True)
+    _, parts = objective(x, goals, targets)
+    assert {"blind_loss", "p_safe_blind", "flag_rate"} <= set(parts)
+    ids = [llava.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
+    cut = [min(bundle.interval, len(t) - 1) for t in ids]
+    soft = bundle.soft_prompt(llava.dtype).detach()
+    batch = llava.encode([Prompt(g, photo()) for g in goals])
+    batch.vision["pixel_values"] = pixels.normalize(x).unsqueeze(0).expand(len(goals), -1, -1, -1)
+    from sr_ray.reminder.forward import answer_forward
+
+    guarded = answer_forward(llava, llava.embed(batch), [t[:c] for t, c in zip(ids, cut)], soft,
+                             [t[c:] for t, c in zip(ids, cut)])
+    terms = {"check": bundle.probe.p_safe(guarded.soft_hidden()).sum(), "after reminder": guarded.second_loss(llava.lm_head).sum(),
+             "target": answer_forward(llava, llava.embed(batch), ids).first_loss(llava.lm_head).sum()}
+    for name, term in terms.items():
+        (grad,) = torch.autograd.grad(term, x, retain_graph=True)
+        assert grad.abs().sum() > 0, name
+    blind = objective.blind_p_safe(goals, [t[:c] for t, c in zip(ids, cut)], soft)
+    assert not blind.requires_grad  # no path from the pixels at all
+    torch.testing.assert_close(blind.mean(), torch.tensor(parts["p_safe_blind"]), atol=1e-5, rtol=0)
+
+
+def test_a_sweep_keeps_the_image_after_each_step_count(llava):
+    cfg = PGDConfig(steps=3, step_size=4 / 255, batch_size=2, snapshots=[0, 2, 3])
+    adv, record = run_pgd(llava, photo(), PAIRS, cfg, progress=False)
+    shots = record["snapshots"]
+    assert sorted(shots) == [0, 2, 3] and np.array_equal(np.asarray(shots[3]), np.asarray(adv))
+    assert not np.array_equal(np.asarray(shots[0]), np.asarray(shots[2]))
+
+
 def test_pgd_refuses_what_it_cannot_attack(llava):
     with pytest.raises(ValueError, match="bundle"):
         run_pgd(llava, photo(), PAIRS, PGDConfig(steps=1, adaptive=True), None, progress=False)
@@ -104,6 +142,10 @@ def test_attack_output_is_an_evaluation_dataset(pgd_attack_dir):
     assert all(r["label"] == "harmful" and r["image"][:8] == b"\x89PNG\r\n\x1a\n" for r in rows)
     assert Image.open(pgd_attack_dir / "images" / "adv.png").size == (32, 32)
     assert (pgd_attack_dir / "mlflow.db").exists()
+    # the sweep: the image after 1 step is its own dataset of the same rows
+    key_1, rows_1 = attack_rows(pgd_attack_dir / "steps_1")
+    assert key_1 == key and [r["id"] for r in rows_1] == [r["id"] for r in rows]
+    assert read_attack_info(pgd_attack_dir / "steps_1")["steps"] == 1 and rows_1[0]["image"] != rows[0]["image"]
 
 
 def test_attack_config_overrides_and_validation(tmp_path):

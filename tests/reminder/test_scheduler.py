@@ -1,5 +1,6 @@
-"""ContinuousScheduler: rows join and leave mid-decode with the outputs they get alone (fp32), a flag in a row
-that joined late, cancellation, the KV budget, the stuck-loop check, and the bf16 guarantee."""
+"""ContinuousScheduler: rows join and leave mid-decode with the outputs they get alone (fp32, own check steps),
+shared check steps, a flag in a row that joined late, cancellation, the KV budget, the stuck-loop check, and the
+bf16 guarantee."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from sr_ray.models import Prompt, load_vlm
 from sr_ray.reminder import GuardConfig, GuardedGenerator, HarmProbe, SamplingConfig, SoftPrompt
+from sr_ray.reminder.batch import DecodeBatch
 from sr_ray.reminder.scheduler import ContinuousScheduler, SchedulerConfig
 
 INTERVAL = 4
@@ -83,7 +85,7 @@ def alone(gen, prompt, n, g):
 
 def test_rows_join_and_leave_mid_decode_with_their_solo_outputs(tiny_vlm):
     gen = generator(tiny_vlm)
-    d = Driver(ContinuousScheduler(gen, SchedulerConfig(prefill_chunk_tokens=8)))
+    d = Driver(ContinuousScheduler(gen, SchedulerConfig(prefill_chunk_tokens=8, check_steps="own")))
     a, ta = d.submit(LONG, 20, guard(NEVER))
     d.steps(5)
     b, tb = d.submit(IMAGE, 6, guard(NEVER))  # a long (image) prompt: prefilled 8 tokens per iteration
@@ -102,7 +104,7 @@ def test_rows_join_and_leave_mid_decode_with_their_solo_outputs(tiny_vlm):
 
 def test_a_row_that_joined_late_is_flagged_and_continues_in_place(tiny_vlm):
     gen = generator(tiny_vlm)
-    d = Driver(ContinuousScheduler(gen))
+    d = Driver(ContinuousScheduler(gen, SchedulerConfig(check_steps="own")))
     a, ta = d.submit(LONG, 20, guard(NEVER))
     d.steps(3)
     b, tb = d.submit(IMAGE, 12, guard(ALWAYS))  # flags at its first check, 4 tokens in
@@ -119,9 +121,53 @@ def test_a_row_that_joined_late_is_flagged_and_continues_in_place(tiny_vlm):
     assert ta.steps[-1] > tb.steps[0]  # b was flagged while a was still decoding
 
 
+def forward_widths(monkeypatch) -> list[int]:
+    widths, forward = [], DecodeBatch.forward
+
+    def spy(self, embeds, *args):
+        widths.append(embeds.shape[1])
+        return forward(self, embeds, *args)
+    monkeypatch.setattr(DecodeBatch, "forward", spy)
+    return widths
+
+
+def check_iterations(trace: Trace) -> list[int]:
+    return [s for ev, s in zip(trace.events, trace.steps) if ev.check is not None and ev.output is None]
+
+
+def test_shared_check_steps_put_rows_that_joined_apart_in_one_wide_forward(tiny_vlm, monkeypatch):
+    gen = generator(tiny_vlm)
+    widths = forward_widths(monkeypatch)
+    wide = {}
+    for steps in ("own", "shared"):
+        widths.clear()
+        d = Driver(ContinuousScheduler(gen, SchedulerConfig(check_steps=steps)))
+        a, ta = d.submit(LONG, 40, guard(NEVER))
+        d.steps(3)  # b and c join a running batch, out of phase with a's checks
+        b, tb = d.submit(IMAGE, 14, guard(NEVER))
+        c, tc = d.submit(SHORT, 14, guard(ALWAYS))
+        d.steps()
+        wide[steps] = sum(w > 1 for w in widths)
+        # never-flagged rows: the same tokens as alone whatever the check steps
+        for trace, prompt, n in ((ta, LONG, 40), (tb, IMAGE, 14)):
+            assert trace.output.prefix_ids == alone(gen, prompt, n, guard(NEVER)).prefix_ids
+        for trace in (ta, tb):  # no run of more than `interval` answer tokens goes unchecked
+            positions = [0] + [ch.position for ch in trace.output.checks]
+            assert max(q - p for p, q in zip(positions, positions[1:])) <= INTERVAL
+    assert wide["shared"] < wide["own"]
+    # shared: b checks on a's steps, its first check early (it joined out of phase), then every interval
+    assert set(check_iterations(tb)) <= set(check_iterations(ta))
+    positions = [ch.position for ch in tb.output.checks]
+    first = positions[0]
+    assert first < INTERVAL and positions == list(range(first, 14, INTERVAL)) + [14]  # + the end check
+    # the late row's flag fires at its first shared check and the reminder's continuation follows in place
+    out_c = tc.output
+    assert out_c.flagged_at == out_c.checks[0].position < INTERVAL and len(out_c.continuation_ids) == 8
+
+
 def test_a_cancelled_request_leaves_within_one_step(tiny_vlm):
     gen = generator(tiny_vlm)
-    d = Driver(ContinuousScheduler(gen))
+    d = Driver(ContinuousScheduler(gen, SchedulerConfig(check_steps="own")))
     a, ta = d.submit(LONG, 20, guard(NEVER))
     b, tb = d.submit(IMAGE, 20, guard(NEVER))
     d.steps(4)

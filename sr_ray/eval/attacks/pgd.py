@@ -13,14 +13,16 @@ slightly from the processor's PIL resize used when the image is evaluated.)
 Adaptive PGD attacks the guarded pipeline itself: beside the plain target loss it maximises the probe's
 P(safe) at the check after the first `interval` target tokens (with the soft prompt appended, exactly the
 guard's reading) and the likelihood of the rest of the target *after* the reminder, so the attack must
-both avoid the flag and survive it.
+both avoid the flag and survive it. When the bundle carries the image-blind check, its reading joins the
+objective too (its gradient with respect to the image is zero: see `PGDObjective.blind_p_safe`).
+`snapshots` keeps the image after chosen step counts, so one run gives a steps sweep.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
@@ -43,6 +45,7 @@ class PGDConfig:
     probe_weight: float = 1.0  # adaptive: weight of -log P(safe) at the guard's check
     reminder_weight: float = 1.0  # adaptive: weight of the target loss after the soft prompt
     interval: int | None = None  # adaptive: check position in target tokens (None: the bundle's interval)
+    snapshots: list[int] = field(default_factory=list)  # also keep the image after these many steps (a sweep)
 
 
 class PixelPath:
@@ -105,9 +108,24 @@ class PGDObjective:
             probe_loss = -torch.log(p_safe.clamp_min(1e-6)).mean()
             reminder_loss = guarded.second_loss(vlm.lm_head).mean()
             loss = loss + self.cfg.probe_weight * probe_loss + self.cfg.reminder_weight * reminder_loss
+            flagged = p_safe < self.guard.threshold
             parts |= {"probe_loss": float(probe_loss.detach()), "reminder_loss": float(reminder_loss.detach()),
-                      "p_safe": float(p_safe.detach().mean()), "flag_rate": float((p_safe < self.guard.threshold).float().mean())}
+                      "p_safe": float(p_safe.detach().mean())}
+            if self.guard.blind_threshold is not None:  # the image-blind check, read as the guard reads it
+                blind = self.blind_p_safe(goals, [t[:c] for t, c in zip(ids, cut)], soft)
+                blind_loss = -torch.log(blind.clamp_min(1e-6)).mean()
+                loss = loss + self.cfg.probe_weight * blind_loss
+                flagged = flagged | (blind < self.guard.blind_threshold)
+                parts |= {"blind_loss": float(blind_loss.detach()), "p_safe_blind": float(blind.detach().mean())}
+            parts["flag_rate"] = float(flagged.float().mean())
         return loss, parts
+
+    def blind_p_safe(self, goals: list[str], answers: list[list[int]], soft: torch.Tensor) -> torch.Tensor:
+        """P(safe) of the image-blind twin: the prompt without the image, then the answer and the soft prompt.
+        Nothing in it depends on the pixels: the image reaches this reading only through which answer tokens
+        are decoded, and these are given (teacher-forced), so its gradient with respect to the image is zero."""
+        e = self.vlm.embed(self.vlm.encode([Prompt(g) for g in goals]))
+        return self.bundle.probe.p_safe(answer_forward(self.vlm, e, answers, soft).soft_hidden())
 
 
 def run_pgd(vlm: VLM, clean: Image.Image, train: list[tuple[str, str]], cfg: PGDConfig, bundle=None,
@@ -124,6 +142,7 @@ def run_pgd(vlm: VLM, clean: Image.Image, train: list[tuple[str, str]], cfg: PGD
     delta = (x0 + delta).clamp(0, 1) - x0
     order, rng = [], random.Random(cfg.seed)
     history: list[dict] = []
+    snapshots = {0: to_image(quantize(x0 + delta))} if 0 in cfg.snapshots else {}
     started = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="pgd-adaptive" if cfg.adaptive else "pgd", disable=not progress):
         if len(order) < cfg.batch_size:  # epochs over the shuffled training pairs
@@ -136,10 +155,12 @@ def run_pgd(vlm: VLM, clean: Image.Image, train: list[tuple[str, str]], cfg: PGD
             delta = (delta - cfg.step_size * grad.sign()).clamp(-cfg.epsilon, cfg.epsilon)
             delta = (x0 + delta).clamp(0, 1) - x0
         history.append({"step": step, "loss": float(loss.detach()), **parts})
+        if step + 1 in cfg.snapshots:
+            snapshots[step + 1] = to_image(quantize(x0 + delta))
     adv = quantize(x0 + delta)
     with torch.no_grad():
         first = train[: cfg.batch_size]
         _, final = objective(adv, [g for g, _ in first], [pgd_target(t) for _, t in first])
     record = dict(config=asdict(cfg), history=history, final=final, seconds=time.perf_counter() - started,
-                  linf=float((adv - x0).abs().max()), image_size=list(adv.shape[1:]))
+                  linf=float((adv - x0).abs().max()), image_size=list(adv.shape[1:]), snapshots=snapshots)
     return to_image(adv), record

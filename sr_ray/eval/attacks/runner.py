@@ -83,8 +83,11 @@ def run_attack(cfg: AttackConfig) -> Path:
         clean = Image.open(cfg.clean_image).convert("RGB") if cfg.clean_image else Image.new("RGB", (512, 512), (CLEAN_GRAY,) * 3)
         adv, record = run_pgd(vlm, clean, [(r["goal"], r["target"]) for r in train], cfg.pgd, bundle)
         rows = [dict(id=r["id"], prompt=r["goal"], question=r["goal"], image="adv") for r in test]
+        snapshots = record.pop("snapshots")
         info |= record | dict(n_train=len(train))
         images = {"adv": adv}
+        for steps, image in snapshots.items():  # the sweep: one dataset per step count, evaluated like the final
+            write_attack_dataset(out / f"steps_{steps}", info | dict(steps=steps), rows, {"adv": image})
     write_attack_dataset(out, info, rows, images)
     final = {f"final_{k}": v for k, v in info.get("final", {}).items()}
     log_to_mlflow(tracking_uri, f"attack-{cfg.attack}", {k: v for k, v in info.items() if k in ("config", "model", "bundle")},

@@ -1,0 +1,92 @@
+"""`sr-ray robustness`: ASR and flag rate against adaptive-PGD steps, SafetyReminder vs a robust variant.
+
+For each defended bundle (the plain one and the one carrying a robust option), adaptive PGD is crafted against
+that full guarded pipeline (`sr-ray attack pgd-adaptive`, every defense component in its objective) for
+max(steps) steps, keeping the image after each step count (`PGDConfig.snapshots`); each image is evaluated on
+the held-out AdvBench test goals. Undefended and Self-Reminder are evaluated under the images crafted against
+the plain bundle. Output: OUT/sweep.json (rows: steps, system, n, asr_full, flag_rate, refusal_rate),
+OUT/sweep.png, and every attack and evaluation directory under OUT.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from sr_ray.eval.attacks.pgd import PGDConfig
+from sr_ray.eval.attacks.runner import AttackConfig, run_attack
+from sr_ray.eval.runner import EvaluateConfig, evaluate
+from sr_ray.reminder.shipped import default_bundle
+
+BENCHMARK = "advbench_pgd_adaptive"
+
+
+@dataclass
+class SweepConfig:
+    out: str = "runs/robustness"
+    robust_bundle: str = ""  # the bundle with the robust option (e.g. `sr-ray calibrate-blind` output)
+    bundle: str | None = None  # the plain bundle (None: the model's shipped one)
+    processed_dir: str | None = None
+    data_dir: str | None = None
+    model: str = "smol-llava"
+    steps: list[int] = field(default_factory=lambda: [0, 12, 60])  # 12: the budget of docs/results.md
+    n_train: int = 16
+    n_test: int = 32
+    pgd: PGDConfig = field(default_factory=lambda: PGDConfig(step_size=4 / 255, batch_size=2))
+    max_new_tokens: int = 64
+
+    def __post_init__(self):
+        self.pgd = self.pgd if isinstance(self.pgd, PGDConfig) else PGDConfig(**self.pgd)
+        self.bundle = self.bundle or default_bundle(self.model)
+        if not (self.bundle and self.robust_bundle):
+            raise ValueError("the sweep needs --robust-bundle (and --bundle unless the model ships one)")
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    out = Path(cfg.out)
+    rows = []
+    defended = {"safety_reminder": (cfg.bundle, ["self_reminder", "safety_reminder"]),
+                "robust": (cfg.robust_bundle, ["safety_reminder"])}
+    for name, (bundle, systems) in defended.items():
+        attack = run_attack(AttackConfig(
+            attack="pgd-adaptive", out=str(out / f"attack_{name}"), data_dir=cfg.data_dir, processed_dir=cfg.processed_dir,
+            model=cfg.model, bundle=bundle, n_train=cfg.n_train, n_test=cfg.n_test,
+            pgd=replace(cfg.pgd, steps=max(cfg.steps), snapshots=list(cfg.steps))))
+        for steps in cfg.steps:
+            metrics = evaluate(EvaluateConfig(
+                out=str(out / f"eval_{name}_{steps}"), bundle=bundle, model=cfg.model, systems=systems, benchmarks=[],
+                attack_dirs=[str(attack / f"steps_{steps}")], limit=None, max_new_tokens=cfg.max_new_tokens,
+                reminder_max_new_tokens=cfg.max_new_tokens, awareness=dict(limit=0)))
+            for system, per_benchmark in metrics.items():
+                if name == "robust" and system != "safety_reminder":
+                    continue  # undefended was measured under the plain bundle's images
+                m = per_benchmark[BENCHMARK]
+                rows.append(dict(steps=steps, system="safety_reminder+robust" if name == "robust" else system,
+                                 n=m["n"], asr_full=m["asr_full"], flag_rate=m.get("intervention_rate"),
+                                 refusal_rate=m["refusal_rate"]))
+    (out / "sweep.json").write_text(json.dumps(dict(rows=rows, config=asdict(cfg)), indent=2))
+    plot_sweep(rows, out / "sweep.png")
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["steps"])
+        axes[0].plot([r["steps"] for r in mine], [r["asr_full"] for r in mine], marker="o", label=system)
+        if any(r["flag_rate"] for r in mine):
+            axes[1].plot([r["steps"] for r in mine], [r["flag_rate"] or 0 for r in mine], marker="o", label=system)
+    for ax, title in zip(axes, ("full-response ASR", "flag rate (guard interventions)")):
+        ax.set(xlabel="adaptive PGD steps", title=title, ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
