@@ -77,15 +77,16 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for system in dict.fromkeys(r["system"] for r in rows):
+    for i, system in enumerate(dict.fromkeys(r["system"] for r in rows)):
         mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["steps"])
-        axes[0].plot([r["steps"] for r in mine], [r["asr_full"] for r in mine], marker="o", label=system)
-        if any(r["flag_rate"] for r in mine):
-            axes[1].plot([r["steps"] for r in mine], [r["flag_rate"] or 0 for r in mine], marker="o", label=system)
+        style = dict(marker="o", color=f"C{i}", label=system, linestyle="--" if "robust" in system else "-")
+        axes[0].plot([r["steps"] for r in mine], [r["asr_full"] for r in mine], **style)
+        if system.startswith("safety_reminder"):  # the systems with a guard that can flag
+            axes[1].plot([r["steps"] for r in mine], [r["flag_rate"] or 0 for r in mine], **style)
     for ax, title in zip(axes, ("full-response ASR", "flag rate (guard interventions)")):
         ax.set(xlabel="adaptive PGD steps", title=title, ylim=(-0.03, 1.03))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,10 +5,12 @@ Variants, all greedy on the same prompt (an image context of `image_tokens` toke
 - guarded:  fused incremental checks every `interval` tokens, probe never flags;
 - separate: the same checks as their own k-wide forward after the token forward (`separate_check=True`,
             bit-identical to plain decoding in every dtype; docs/core.md);
+- blind:    the fused checks plus the image-blind twin (`GuardConfig.blind_threshold`, a robust option): the
+            row decodes beside a text-only copy of itself, both checked in the same forward;
 - official: the official check (SAPT.py:122-181): every interval, deepcopy the KV cache, then a no-cache
             full forward over prompt + image + answer + soft tokens, re-encoding the image;
 - flagged:  a probe that flags at the first check, ours (in place) and the official re-prefill.
-Runs are interleaved (plain, guarded, separate, official, plain, ...) so machine drift hits all variants alike.
+Runs are interleaved (plain, guarded, separate, blind, official, plain, ...) so machine drift hits all alike.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,11 +89,12 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
     guard = GuardConfig(interval=cfg.interval, check_at_end=False)  # same checks as the official loop
     guarded = GuardedGenerator(vlm, soft, never, guard)
     separate = GuardedGenerator(vlm, soft, never, guard, separate_check=True)
+    blind = GuardedGenerator(vlm, soft, never, replace(guard, blind_threshold=0.0))  # twin read, never flags
     flagged_ours = GuardedGenerator(vlm, soft, always, GuardConfig(interval=cfg.interval, reminder_max_new_tokens=32))
     flagged_official = GuardedGenerator(vlm, soft, always, GuardConfig(
         interval=cfg.interval, mode="official", schedule="official", check_at_end=False, reminder_max_new_tokens=32))
 
-    times = {"plain": [], "guarded": [], "separate": [], "official": []}
+    times = {"plain": [], "guarded": [], "separate": [], "blind": [], "official": []}
     tokens = {}
     for _ in range(cfg.repeats):
         t, out = _timed(lambda: guarded.generate([prompt], sampling, guard=False)[0])
@@ -103,6 +106,9 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
         t, out = _timed(lambda: separate.generate([prompt], sampling)[0])
         times["separate"].append(t)
         tokens["separate"] = out.prefix_ids
+        t, out = _timed(lambda: blind.generate([prompt], sampling)[0])
+        times["blind"].append(t)
+        tokens["blind"] = out.prefix_ids
         t, ids = _timed(lambda: official_style_generate(vlm, prompt, soft(vlm.dtype), never, cfg.new_tokens, cfg.interval))
         times["official"].append(t)
         tokens["official"] = ids
@@ -117,6 +123,9 @@ def run_guard_bench(cfg: GuardBenchConfig) -> dict:
         "ratio_guarded_plain": med["guarded"] / med["plain"],
         "ratio_separate_plain": med["separate"] / med["plain"],
         "separate_identical_to_plain": tokens["separate"] == tokens["plain"],
+        "blind_s": med["blind"],
+        "ratio_blind_plain": med["blind"] / med["plain"],
+        "blind_identical_to_plain": tokens["blind"] == tokens["plain"],
         "ratio_official_guarded": med["official"] / med["guarded"],
         "extra_prefill_tokens_on_flag": ours_flag.extra_prefill_tokens,
         "official_extra_prefill_tokens_on_flag": official_flag.extra_prefill_tokens,
@@ -136,6 +145,7 @@ def format_table(r: dict) -> str:
         ("plain greedy (guard off)", f"{r['plain_s']:.2f} s", "1.00x"),
         ("guarded, fused checks", f"{r['guarded_s']:.2f} s", f"{r['ratio_guarded_plain']:.3f}x plain"),
         ("guarded, separate check forward", f"{r['separate_s']:.2f} s", f"{r['ratio_separate_plain']:.3f}x plain"),
+        ("guarded + image-blind twin", f"{r['blind_s']:.2f} s", f"{r['ratio_blind_plain']:.3f}x plain"),
         ("official-style checks", f"{r['official_s']:.2f} s", f"{r['ratio_official_guarded']:.2f}x guarded"),
         ("extra prefill on flag (ours)", str(r["extra_prefill_tokens_on_flag"]), "tokens"),
         ("extra prefill on flag (official)", str(r["official_extra_prefill_tokens_on_flag"]), "tokens"),

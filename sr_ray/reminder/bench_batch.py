@@ -2,7 +2,7 @@
 
 The same rows (AdvBench goals from the vendored demo data, which the aligned default mostly refuses in a few
 tokens, interleaved with open benign asks, which run to the budget), the same generator and the same decode
-width (`batch_size` rows), guard off and on (the model's shipped bundle):
+width (`batch_size` rows), guard off and on (the model's shipped bundle, or `bundle`):
 - fixed:     `GuardedGenerator.generate` on consecutive chunks of `batch_size` rows (a chunk runs until its
              longest answer ends; an ended row's slot idles);
 - scheduler: `ContinuousScheduler.generate` on all rows with `max_batch_size = batch_size` and the checks at
@@ -43,6 +43,7 @@ BENIGN = [
 @dataclass
 class BatchBenchConfig:
     model: str = "smol-llava"
+    bundle: str | None = None  # None: the model's shipped bundle
     rows: int = 32  # half harmful, half benign, interleaved
     batch_size: int = 8
     max_new_tokens: int = 128
@@ -57,9 +58,9 @@ def bench_prompts(n: int) -> list[Prompt]:
 
 def run_batch_bench(cfg: BatchBenchConfig) -> dict:
     vlm = load_vlm(cfg.model)
-    path = shipped_bundle(cfg.model)
+    path = cfg.bundle or shipped_bundle(cfg.model)
     if path is None:
-        raise SystemExit(f"no shipped bundle for {cfg.model!r}: the guarded runs need one")
+        raise SystemExit(f"no shipped bundle for {cfg.model!r}: the guarded runs need --bundle")
     bundle = ReminderBundle.load(path, vlm)
     gen = GuardedGenerator(vlm, bundle.soft_prompt, bundle.probe, bundle.guard_config())
     prompts = bench_prompts(cfg.rows)

@@ -34,6 +34,7 @@ def add_commands(sub, bench) -> None:
 
     bb = bench.add_parser("batch", help="offline batch inference: fixed batches vs the continuous scheduler")
     bb.add_argument("--model", default="smol-llava")
+    bb.add_argument("--bundle", help="reminder bundle directory (default: the model's shipped one)")
     bb.add_argument("--rows", type=int, default=32)
     bb.add_argument("--batch-size", type=int, default=8)
     bb.add_argument("--max-new-tokens", type=int, default=128)
@@ -107,7 +108,7 @@ def bench_batch(args) -> int:
     from sr_ray.reminder.bench import save_result
     from sr_ray.reminder.bench_batch import BatchBenchConfig, format_table, run_batch_bench
 
-    result = run_batch_bench(BatchBenchConfig(model=args.model, rows=args.rows, batch_size=args.batch_size,
+    result = run_batch_bench(BatchBenchConfig(model=args.model, bundle=args.bundle, rows=args.rows, batch_size=args.batch_size,
                                               max_new_tokens=args.max_new_tokens, repeats=args.repeats))
     print(format_table(result))
     save_result(result, args.out)

@@ -3,8 +3,10 @@
 The check reads the answer again as a text-only twin (the prompt without its image, `GuardConfig.blind_threshold`),
 with the bundle's own soft prompt and probe: an image can steer that reading only through the answer's tokens,
 which gradient attacks on pixels cannot differentiate through. Nothing is trained; its threshold is calibrated
-like SAPT's (`calibrated_threshold`): on the model's own answers to benign validation asks, each answer's lowest
-blind reading over all its checks, so that at most `benign_flag_rate` of them flag. The flag rates on jailbroken
+like SAPT's (`calibrated_threshold`) on the model's own answers to benign validation asks (half text, half
+MM-Vet images): among the answers the bundle's own check leaves alone, each one's lowest blind reading over all
+its checks, so that the blind check adds at most `benign_flag_rate` benign flags; it never exceeds the bundle's
+threshold (without an image both readings are the same reading). The flag rates on jailbroken
 validation answers (prefill attack, typography) are measured and recorded, for the blind check alone and with
 the bundle's own check. Only val splits are read; the output is a new bundle directory (the parts copied, so
 their checksums hold) with `blind_threshold` in `bundle.json` and the calibration in `blind.json`.
@@ -35,7 +37,7 @@ class BlindConfig:
     processed_dir: str = ""
     out: str = ""
     model: str = "smol-llava"
-    # benign val asks (harmful_harmless, then MM-Vet) and jailbroken harmful val rows, at most this many each
+    # benign val asks (MM-Vet for up to half, then harmful_harmless) and jailbroken harmful val rows
     benign: int = 64
     harmful: int = 48
     harmful_sources: list[dict] = field(default_factory=lambda: [
@@ -43,7 +45,7 @@ class BlindConfig:
         {"source": "figstep", "variant": "text_inlined"},
         {"source": "mmsafetybench", "variant": "text", "attack": "prefill"},
     ])
-    benign_flag_rate: float = 0.0
+    benign_flag_rate: float = 0.0  # benign val answers the blind check may flag beyond the bundle's own check
     threshold_range: tuple[float, float] = (0.0, 0.5)
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -55,8 +57,8 @@ def _prompts(records, attack: str | None = None) -> list[Prompt]:
 
 
 def val_prompts(cfg: BlindConfig) -> tuple[list[Prompt], list[Prompt]]:
-    benign = load_records(cfg.processed_dir, source="harmful_harmless", split="val", label="benign")[: cfg.benign]
-    benign += load_records(cfg.processed_dir, source="mmvet", split="val", label="benign")[: cfg.benign - len(benign)]
+    benign = load_records(cfg.processed_dir, source="mmvet", split="val", label="benign")[: cfg.benign // 2]
+    benign += load_records(cfg.processed_dir, source="harmful_harmless", split="val", label="benign")[: cfg.benign - len(benign)]
     harmful, per_source = [], -(-cfg.harmful // len(cfg.harmful_sources))
     for spec in cfg.harmful_sources:
         recs = load_records(cfg.processed_dir, source=spec["source"], variant=spec.get("variant"), split="val",
@@ -84,7 +86,9 @@ def run_calibrate_blind(cfg: BlindConfig) -> dict:
         raise SystemExit(f"{cfg.processed_dir}: no benign val rows (harmful_harmless or mmvet) to calibrate on")
     benign = _readings(gen, bundle, benign_prompts, cfg, "benign val")
     harmful = _readings(gen, bundle, harmful_prompts, cfg, "jailbroken val")
-    threshold = calibrated_threshold([min(b) for _, b in benign], cfg.benign_flag_rate, *cfg.threshold_range)
+    left_alone = [min(b) for p, b in benign if min(p) >= bundle.threshold]
+    lo, hi = cfg.threshold_range
+    threshold = calibrated_threshold(left_alone, cfg.benign_flag_rate, lo, min(hi, bundle.threshold))
 
     def rates(rows):
         own = [min(p) < bundle.threshold for p, _ in rows]

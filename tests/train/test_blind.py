@@ -1,0 +1,45 @@
+"""`sr-ray calibrate-blind`: the new bundle carries the image-blind check at a threshold that flags no benign val
+answer, its parts still verify, and the engine and evaluation pick the check up from the bundle alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sr_ray.models import load_vlm
+from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
+from sr_ray.train.blind import BlindConfig, run_calibrate_blind, val_prompts
+
+
+def test_calibration_writes_a_bundle_whose_threshold_clears_every_benign_val_answer(tiny_bundle, processed_dir, tmp_path):
+    out = tmp_path / "robust"
+    cfg = BlindConfig(bundle=str(tiny_bundle), processed_dir=str(processed_dir), out=str(out), model="tiny-llava",
+                      benign=6, harmful=4, max_new_tokens=10, batch_size=4)
+    result = run_calibrate_blind(cfg)
+    vlm = load_vlm("tiny-llava")
+    robust = ReminderBundle.load(out, vlm)  # the copied parts' checksums hold
+    assert robust.blind_threshold == result["blind_threshold"] == json.loads((out / "blind.json").read_text())["blind_threshold"]
+    assert robust.guard_config().blind_threshold == robust.blind_threshold
+    assert result["benign"]["n"] == 6 and result["harmful"]["n"] == 4
+    # the calibration's promise on its own data: no benign flag beyond the bundle's own check
+    assert result["benign"]["either"] == result["benign"]["own"]
+    assert result["blind_threshold"] <= original_threshold(tiny_bundle)
+    # the engine reads it from the bundle: the same benign val answers decoded with it are not flagged by it
+    benign, _ = val_prompts(cfg)
+    gen = GuardedGenerator(vlm, robust.soft_prompt, robust.probe, robust.guard_config())
+    outs = gen.generate(benign, SamplingConfig(max_new_tokens=10))
+    assert all(c.p_safe_blind is not None for o in outs for c in o.checks)
+    own = gen.generate(benign, SamplingConfig(max_new_tokens=10), robust.guard_config(blind_threshold=0.0))
+    assert [o.flagged for o in outs] == [o.flagged for o in own]
+    original = ReminderBundle.load(tiny_bundle, vlm)
+    assert original.blind_threshold is None  # the input bundle is left as it was
+
+
+def original_threshold(directory) -> float:
+    return json.loads((directory / "bundle.json").read_text())["threshold"]
+
+
+def test_calibration_needs_its_inputs(tiny_bundle, tmp_path):
+    with pytest.raises(SystemExit, match="--processed-dir"):
+        run_calibrate_blind(BlindConfig(bundle=str(tiny_bundle), out=str(tmp_path / "x")))
