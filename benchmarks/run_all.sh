@@ -10,9 +10,10 @@ OUT=benchmarks/results
 SR=${SR_RAY:-.venv/bin/sr-ray}
 mkdir -p "$OUT"
 "$SR" bench data --data-dir "$DATA_DIR" --trials 3 --out "$OUT/data.json"
-"$SR" bench guard --model smol-llava --new-tokens 256 --interval 16 --image-tokens 576 --repeats 3 \
+"$SR" bench guard --model smol-llava --new-tokens 256 --interval 16 --image-tokens 576 --repeats 1 \
     --out "$OUT/guard_smol_llava.json"
 "$SR" bench serve --model smol-llava --out "$OUT/serve_smol_llava.json"
-"$SR" bench serve --workload mixed --model smol-llava-unaligned --requests 24 --rate 0.15 \
-    --out "$OUT/serve_mixed_smol_llava_unaligned.json"
+"$SR" bench batch --model smol-llava --rows 16 --max-new-tokens 96 --repeats 1 --out "$OUT/batch_smol_llava.json"
+"$SR" bench serve --workload mixed --model smol-llava --requests 24 --rate 0.15 \
+    --out "$OUT/serve_mixed_smol_llava.json"
 "$(dirname "$SR")/python" benchmarks/cli_help.py --repeats 5 --out "$OUT/cli_help.json"
