@@ -16,4 +16,6 @@ mkdir -p "$OUT"
 "$SR" bench batch --model smol-llava --rows 16 --max-new-tokens 96 --repeats 1 --out "$OUT/batch_smol_llava.json"
 "$SR" bench serve --workload mixed --model smol-llava --requests 24 --rate 0.15 \
     --out "$OUT/serve_mixed_smol_llava.json"
+"$SR" bench serve --workload mixed --model smol-llava --requests 24 --rate 0.3 \
+    --out "$OUT/serve_mixed_smol_llava_rate03.json"
 "$(dirname "$SR")/python" benchmarks/cli_help.py --repeats 5 --out "$OUT/cli_help.json"
