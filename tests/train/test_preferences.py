@@ -109,7 +109,7 @@ def test_selection_leaves_out_other_sources_test_items(tmp_path):
     from sr_ray.data.splits import advbench_pgd_splits
     from sr_ray.train.config import RecordSelection
     from sr_ray.train.preferences import select_records
-    from tests.eval.conftest import write_eval_data
+    from tests.conftest import write_eval_data
 
     data = write_eval_data(tmp_path / "data")
     with open(DEMO_DATA_DIR / "AdvBench" / "harmful_behaviors.csv", newline="") as f:
