@@ -23,7 +23,6 @@ from sr_ray.models import Prompt, load_vlm
 from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.reminder.scheduler import ContinuousScheduler, SchedulerConfig
 
-UNBOUNDED = 1 << 30  # offline: prefill each prompt whole (no row waits on it) and no KV budget (as a fixed batch)
 
 # Self-Reminder baseline (Xie et al. 2023) exactly as the official SafetyReminder repo applies it: the
 # sentence joins the system prompt and is also appended to every user question (SelfReminder.py:6-10).
@@ -83,9 +82,7 @@ class SystemsPredictor:
         self.generator = GuardedGenerator(
             self.vlm, self.bundle.soft_prompt if self.bundle else None, self.bundle.probe if self.bundle else None
         )
-        self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(
-            max_batch_size=self.cfg.batch_size, kv_budget_tokens=UNBOUNDED, prefill_chunk_tokens=UNBOUNDED,
-            check_steps="own"))
+        self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig.offline(self.cfg.batch_size))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         base = [

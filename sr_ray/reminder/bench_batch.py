@@ -71,9 +71,7 @@ def run_batch_bench(cfg: BatchBenchConfig) -> dict:
                 for o in gen.generate(prompts[i: i + cfg.batch_size], sampling, guard)]
 
     def scheduled(guard):
-        s = ContinuousScheduler(gen, SchedulerConfig(max_batch_size=cfg.batch_size, check_steps="own",
-                                                     prefill_chunk_tokens=1 << 30, kv_budget_tokens=1 << 30))
-        return s.generate(prompts, sampling, guard)
+        return ContinuousScheduler(gen, SchedulerConfig.offline(cfg.batch_size)).generate(prompts, sampling, guard)
 
     result = {}
     for guard in (False, True):

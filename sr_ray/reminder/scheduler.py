@@ -56,6 +56,13 @@ class SchedulerConfig:
     # (token-identical to decoding alone, but rows that joined apart widen different steps)
     check_steps: Literal["shared", "own"] = "shared"
 
+    @classmethod
+    def offline(cls, max_batch_size: int) -> "SchedulerConfig":
+        """Batch inference: each prompt prefilled whole (no row waits on it), no KV budget (as a fixed batch),
+        checks at each row's own positions (the paper's)."""
+        return cls(max_batch_size=max_batch_size, kv_budget_tokens=1 << 30, prefill_chunk_tokens=1 << 30,
+                   check_steps="own")
+
 
 @dataclass(eq=False)
 class Ticket:

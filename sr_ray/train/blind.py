@@ -8,7 +8,7 @@ MM-Vet images): among the answers the bundle's own check leaves alone, each one'
 its checks, so that the blind check adds at most `benign_flag_rate` benign flags; it never exceeds the bundle's
 threshold (without an image both readings are the same reading). The flag rates on jailbroken
 validation answers (prefill attack, typography) are measured and recorded, for the blind check alone and with
-the bundle's own check. Only val splits are read; the output is a new bundle directory (the parts copied, so
+the bundle's own check. Only val rows are read, and none whose item is any source's test item; the output is a new bundle directory (the parts copied, so
 their checksums hold) with `blind_threshold` in `bundle.json` and the calibration in `blind.json`.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sr_ray.data import load_records
+from sr_ray.data.overlap import evaluation_texts, item_text
 from sr_ray.data.prefill import prefill_text
 from sr_ray.infer import decode_image
 from sr_ray.models import Prompt, load_vlm
@@ -57,12 +58,18 @@ def _prompts(records, attack: str | None = None) -> list[Prompt]:
 
 
 def val_prompts(cfg: BlindConfig) -> tuple[list[Prompt], list[Prompt]]:
-    benign = load_records(cfg.processed_dir, source="mmvet", split="val", label="benign")[: cfg.benign // 2]
-    benign += load_records(cfg.processed_dir, source="harmful_harmless", split="val", label="benign")[: cfg.benign - len(benign)]
+    """Val rows whose item is no source's test item (the same rule as SAPT's selection, sr_ray/data/overlap.py)."""
+    tested = evaluation_texts(cfg.processed_dir)
+
+    def val(**where):
+        recs = load_records(cfg.processed_dir, split="val", **where)
+        return [r for r in recs if item_text(r.prompt, r.original_question) not in tested]
+
+    benign = val(source="mmvet", label="benign")[: cfg.benign // 2]
+    benign += val(source="harmful_harmless", label="benign")[: cfg.benign - len(benign)]
     harmful, per_source = [], -(-cfg.harmful // len(cfg.harmful_sources))
     for spec in cfg.harmful_sources:
-        recs = load_records(cfg.processed_dir, source=spec["source"], variant=spec.get("variant"), split="val",
-                            label="harmful")[:per_source]
+        recs = val(source=spec["source"], variant=spec.get("variant"), label="harmful")[:per_source]
         harmful += _prompts(recs, spec.get("attack"))
     return _prompts(benign), harmful[: cfg.harmful]
 

@@ -10,9 +10,27 @@ import pytest
 from sr_ray.models import load_vlm
 from sr_ray.reminder import GuardedGenerator, ReminderBundle, SamplingConfig
 from sr_ray.train.blind import BlindConfig, run_calibrate_blind, val_prompts
+from tests.conftest import HARMLESS
 
 
-def test_calibration_writes_a_bundle_whose_threshold_clears_every_benign_val_answer(tiny_bundle, processed_dir, tmp_path):
+@pytest.fixture(scope="module")
+def val_dir(tmp_path_factory):
+    """The test data dir with harmless val asks of their own, plus one that is also a test ask."""
+    from sr_ray.data import PreprocessConfig, run_preprocess
+    from tests.conftest import HARMLESS, write_eval_data
+
+    root = write_eval_data(tmp_path_factory.mktemp("blind_data") / "data")
+    val = [f"Give me a fact about the number {i}." for i in range(6)] + [HARMLESS[0]]
+    (root / "refusal_direction" / "splits" / "harmless_val.json").write_text(
+        json.dumps([{"instruction": t, "category": "demo"} for t in val]))
+    out = tmp_path_factory.mktemp("blind_processed")
+    run_preprocess(PreprocessConfig(data_dir=str(root), out_dir=str(out), executor="loop", progress=False,
+                                    sources=["advbench", "harmful_harmless"]))
+    return out
+
+
+def test_calibration_writes_a_bundle_whose_threshold_clears_every_benign_val_answer(tiny_bundle, val_dir, tmp_path):
+    processed_dir = val_dir
     out = tmp_path / "robust"
     cfg = BlindConfig(bundle=str(tiny_bundle), processed_dir=str(processed_dir), out=str(out), model="tiny-llava",
                       benign=6, harmful=4, max_new_tokens=10, batch_size=4)
@@ -21,12 +39,13 @@ def test_calibration_writes_a_bundle_whose_threshold_clears_every_benign_val_ans
     robust = ReminderBundle.load(out, vlm)  # the copied parts' checksums hold
     assert robust.blind_threshold == result["blind_threshold"] == json.loads((out / "blind.json").read_text())["blind_threshold"]
     assert robust.guard_config().blind_threshold == robust.blind_threshold
-    assert result["benign"]["n"] == 6 and result["harmful"]["n"] == 4
+    assert result["benign"]["n"] == 6 and 0 < result["harmful"]["n"] <= 4  # rows with a test item left out
     # the calibration's promise on its own data: no benign flag beyond the bundle's own check
     assert result["benign"]["either"] == result["benign"]["own"]
     assert result["blind_threshold"] <= original_threshold(tiny_bundle)
     # the engine reads it from the bundle: the same benign val answers decoded with it are not flagged by it
     benign, _ = val_prompts(cfg)
+    assert HARMLESS[0] not in {p.text for p in benign}  # a val ask that is also a test ask is left out
     gen = GuardedGenerator(vlm, robust.soft_prompt, robust.probe, robust.guard_config())
     outs = gen.generate(benign, SamplingConfig(max_new_tokens=10))
     assert all(c.p_safe_blind is not None for o in outs for c in o.checks)
