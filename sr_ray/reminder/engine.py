@@ -116,6 +116,11 @@ class _Row:
         return clock % g.interval == at or n - self.last_checked >= g.interval
 
 
+def needs_twin(prompt: Prompt, guard: GuardConfig | None) -> bool:
+    """Whether a row decodes beside an image-blind twin: its guard has the blind check and its prompt an image."""
+    return guard is not None and guard.blind_threshold is not None and prompt.image is not None
+
+
 def per_row(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
@@ -152,10 +157,11 @@ class GuardedGenerator:
 
     @staticmethod
     def twins(prompts: list[Prompt], rows: list[_Row]) -> tuple[list[Prompt], list[_Row]]:
-        """The image-blind twins of the rows whose guard asks for them: the prompt without its image (the
-        answer prefix kept), decoded beside its row in the same batch, fed the row's tokens and checked with it."""
+        """The image-blind twins of the rows whose guard asks for them and whose prompt has an image: the prompt
+        without it (the answer prefix kept), decoded beside its row in the same batch, fed the row's tokens and
+        checked with it. A text-only row needs none: its own reading is the blind one."""
         pairs = [(replace(p, image=None), _Row(r.key, r.sampling, None, None, 0, twin_of=r, emitted=True))
-                 for p, r in zip(prompts, rows) if r.guard is not None and r.guard.blind_threshold is not None]
+                 for p, r in zip(prompts, rows) if needs_twin(p, r.guard)]
         return [p for p, _ in pairs], [t for _, t in pairs]
 
     def guard_config(self, guard: bool | GuardConfig | None) -> GuardConfig | None:
@@ -295,12 +301,10 @@ class GuardedGenerator:
         p_safe = self.probe.p_safe(h_last).tolist()
         twin = {id(row.twin_of): b for b, row in enumerate(rows) if row.twin_of is not None}
         keep = [False] * len(rows)
-        for b, row in enumerate(rows):
-            if not check[b] or row.twin_of is not None:
-                continue
-            g = row.guard
+        for b in [b for b, row in enumerate(rows) if check[b] and row.twin_of is None]:  # before any hand-over
+            row, g = rows[b], rows[b].guard
             threshold = g.threshold if g.threshold is not None else self.probe.threshold
-            blind = p_safe[twin[id(row)]] if g.blind_threshold is not None else None
+            blind = None if g.blind_threshold is None else p_safe[twin.get(id(row), b)]
             flagged = p_safe[b] < threshold or (blind is not None and blind < g.blind_threshold)
             result = Check(len(row.answer), p_safe[b], flagged, blind)
             row.checks.append(result)
@@ -322,10 +326,23 @@ class GuardedGenerator:
                     ev.tokens.append(nxt)
                 row.done, row.finish_reason, row.emitted = True, "flagged", True
             else:
-                keep[b] = True
                 row.end_pending = ""
                 row.budget = g.reminder_max_new_tokens
+                if id(row) in twin:  # the reminder continues without the (attacker-controlled) image
+                    self._hand_over(row, rows[twin[id(row)]])
+                    keep[twin[id(row)]] = True
+                else:
+                    keep[b] = True
         return keep if any(keep) else None
+
+    @staticmethod
+    def _hand_over(row: _Row, twin: _Row) -> None:
+        """After a flag, the image-blind twin becomes the row (same key, answer, checks and budget) and decodes
+        the continuation with the reminder kept; the row with the image retires silently and leaves the batch."""
+        for name, value in vars(row).items():
+            setattr(twin, name, list(value) if isinstance(value, list) else value)
+        twin.twin_of = None
+        row.done, row.emitted, row.finish_reason = True, True, ""
 
     def _end(self, row: _Row, reason: str) -> None:
         g = row.guard

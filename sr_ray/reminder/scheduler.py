@@ -41,7 +41,7 @@ import torch
 
 from sr_ray.models.vlm import Prompt, PromptBatch
 from sr_ray.reminder.batch import DecodeBatch, Prefill
-from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, per_row
+from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, needs_twin, per_row
 from sr_ray.reminder.guard import GuardConfig
 
 
@@ -130,7 +130,7 @@ class ContinuousScheduler:
         guard = self.gen.guard_config(guard)
         encoded = encoded if encoded is not None else self.vlm.encode([prompt])
         need = self.reservation(int(encoded.attention_mask.sum()), sampling, guard)
-        rows = 2 if guard is not None and guard.blind_threshold is not None else 1
+        rows = 2 if needs_twin(prompt, guard) else 1
         if need * rows > self.config.kv_budget_tokens:
             raise ValueError(f"the request needs {need * rows} KV-cache tokens (prompt + max_tokens + reminder"
                              f"{', twice: image-blind check' if rows == 2 else ''}), above this server's budget of "

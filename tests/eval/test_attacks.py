@@ -70,32 +70,39 @@ def test_adaptive_pgd_raises_the_guards_p_safe(llava, tiny_bundle):
 
 def test_the_adaptive_objective_reaches_every_defense_component(llava, tiny_bundle):
     """The gradient of each term of the adaptive loss with respect to the image: the target, the guard's check
-    and the continuation after the reminder all depend on it; the image-blind reading cannot (zero gradient)."""
+    and the continuation after the reminder all depend on it. With the image-blind check, its reading and the
+    continuation it decodes after a flag are in the objective and cannot depend on the image (no gradient path)."""
     bundle = ReminderBundle.load(tiny_bundle, llava)
-    bundle.blind_threshold = 0.5
     pixels = PixelPath(llava)
-    objective = PGDObjective(llava, pixels, PGDConfig(adaptive=True), bundle)
     goals, targets = [g for g, _ in PAIRS], [pgd_target(t) for _, t in PAIRS]
     x = pixels.fit(photo()).requires_grad_(True)
-    _, parts = objective(x, goals, targets)
-    assert {"blind_loss", "p_safe_blind", "flag_rate"} <= set(parts)
     ids = [llava.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
     cut = [min(bundle.interval, len(t) - 1) for t in ids]
+    first, rest = [t[:c] for t, c in zip(ids, cut)], [t[c:] for t, c in zip(ids, cut)]
     soft = bundle.soft_prompt(llava.dtype).detach()
     batch = llava.encode([Prompt(g, photo()) for g in goals])
     batch.vision["pixel_values"] = pixels.normalize(x).unsqueeze(0).expand(len(goals), -1, -1, -1)
     from sr_ray.reminder.forward import answer_forward
 
-    guarded = answer_forward(llava, llava.embed(batch), [t[:c] for t, c in zip(ids, cut)], soft,
-                             [t[c:] for t, c in zip(ids, cut)])
+    guarded = answer_forward(llava, llava.embed(batch), first, soft, rest)
     terms = {"check": bundle.probe.p_safe(guarded.soft_hidden()).sum(), "after reminder": guarded.second_loss(llava.lm_head).sum(),
              "target": answer_forward(llava, llava.embed(batch), ids).first_loss(llava.lm_head).sum()}
     for name, term in terms.items():
         (grad,) = torch.autograd.grad(term, x, retain_graph=True)
         assert grad.abs().sum() > 0, name
-    blind = objective.blind_p_safe(goals, [t[:c] for t, c in zip(ids, cut)], soft)
-    assert not blind.requires_grad  # no path from the pixels at all
-    torch.testing.assert_close(blind.mean(), torch.tensor(parts["p_safe_blind"]), atol=1e-5, rtol=0)
+    _, plain = PGDObjective(llava, pixels, PGDConfig(adaptive=True), bundle)(x, goals, targets)
+    assert plain["reminder_loss"] == pytest.approx(guarded.second_loss(llava.lm_head).mean().detach().item(), abs=1e-5)
+
+    bundle.blind_threshold = 0.5
+    objective = PGDObjective(llava, pixels, PGDConfig(adaptive=True), bundle)
+    _, parts = objective(x, goals, targets)
+    assert {"blind_loss", "p_safe_blind", "flag_rate"} <= set(parts)
+    blind = objective.blind_forward(goals, first, soft, rest)
+    assert not blind.hidden.requires_grad  # no path from the pixels at all
+    torch.testing.assert_close(bundle.probe.p_safe(blind.soft_hidden()).mean(), torch.tensor(parts["p_safe_blind"]),
+                               atol=1e-5, rtol=0)
+    assert parts["reminder_loss"] == pytest.approx(blind.second_loss(llava.lm_head).mean().item(), abs=1e-5)
+    assert parts["reminder_loss"] != pytest.approx(plain["reminder_loss"], abs=1e-4)  # read on the twin, not the image row
 
 
 def test_a_sweep_keeps_the_image_after_each_step_count(llava):

@@ -57,6 +57,25 @@ def test_the_blind_reading_alone_flags(tiny_vlm, mode):
     assert not gen.generate([IMAGE], SAMPLING, guard(NEVER, NEVER, mode=mode))[0].flagged
 
 
+def greedy_after_reminder(vlm, gen, prompt: Prompt, out) -> list[int]:
+    """The greedy continuation of `out` after the reminder, teacher-forced in `prompt`'s context."""
+    e = vlm.embed(vlm.encode([prompt]))
+    fw = answer_forward(vlm, e, [out.prefix_ids], gen.soft_prompt(vlm.dtype), [out.continuation_ids])
+    return vlm.lm_head(fw.second_hidden()).argmax(-1)[0].tolist()
+
+
+def test_a_flagged_answer_continues_from_the_twin_without_the_image(tiny_vlm):
+    gen = generator(tiny_vlm)
+    for own, blind in ((ALWAYS, None), (ALWAYS, NEVER), (NEVER, ALWAYS)):
+        out = gen.generate([IMAGE], SAMPLING, guard(own, blind))[0]
+        assert out.flagged_at == INTERVAL and len(out.continuation_ids) == 6
+        context = IMAGE if blind is None else Prompt(IMAGE.text)  # with the blind check on, whichever reading flagged
+        assert greedy_after_reminder(tiny_vlm, gen, context, out) == out.continuation_ids
+    alone = gen.generate([IMAGE], SAMPLING, guard(ALWAYS, None))[0]
+    handed = gen.generate([IMAGE], SAMPLING, guard(ALWAYS, NEVER))[0]
+    assert alone.prefix_ids == handed.prefix_ids and alone.continuation_ids != handed.continuation_ids
+
+
 def test_rows_with_twins_join_flag_and_leave_under_the_scheduler_as_alone(tiny_vlm):
     gen = generator(tiny_vlm)
     s = ContinuousScheduler(gen, SchedulerConfig(check_steps="own"))
@@ -65,12 +84,12 @@ def test_rows_with_twins_join_flag_and_leave_under_the_scheduler_as_alone(tiny_v
     s.submit(TEXT, SAMPLING, guard(NEVER, NEVER), collect("text"))
     for _ in range(3):
         s.step()
-    assert s.rows == 2  # the row and its twin
+    assert s.rows == 1  # a text-only row needs no twin
     s.submit(IMAGE, SAMPLING, guard(NEVER, ALWAYS), collect("flagged"))
     plain = s.submit(IMAGE, SAMPLING, False, collect("plain"))  # unguarded: no twin
     while s.pending():
         s.step()
-    assert s.stats.max_rows == 5 and s.rows == 0
+    assert s.stats.max_rows == 4 and s.rows == 0  # text 1, flagged image row + its twin 2, plain 1
     for name, prompt, g in (("text", TEXT, guard(NEVER, NEVER)), ("flagged", IMAGE, guard(NEVER, ALWAYS)),
                             ("plain", IMAGE, False)):
         alone = gen.generate([prompt], SAMPLING, g)[0]

@@ -14,7 +14,8 @@ Adaptive PGD attacks the guarded pipeline itself: beside the plain target loss i
 P(safe) at the check after the first `interval` target tokens (with the soft prompt appended, exactly the
 guard's reading) and the likelihood of the rest of the target *after* the reminder, so the attack must
 both avoid the flag and survive it. When the bundle carries the image-blind check, its reading joins the
-objective too (its gradient with respect to the image is zero: see `PGDObjective.blind_p_safe`).
+objective, and the after-reminder term is read on the blind twin, which decodes a flagged answer's
+continuation (both have zero gradient with respect to the image: see `PGDObjective.blind_forward`).
 `snapshots` keeps the image after chosen step counts, so one run gives a steps sweep.
 """
 
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sr_ray.reminder.forward import answer_forward
+from sr_ray.reminder.forward import AnswerForward, answer_forward
 from sr_ray.models import VLM, Prompt
 
 OFFICIAL_TARGET_SUFFIX = ": 1. To"
@@ -103,29 +104,35 @@ class PGDObjective:
         if self.cfg.adaptive:
             cut = [min(self.guard.interval, len(t) - 1) for t in ids]
             soft = self.bundle.soft_prompt(vlm.dtype).detach()
-            guarded = answer_forward(vlm, e, [t[:c] for t, c in zip(ids, cut)], soft, [t[c:] for t, c in zip(ids, cut)])
+            first, rest = [t[:c] for t, c in zip(ids, cut)], [t[c:] for t, c in zip(ids, cut)]
+            guarded = answer_forward(vlm, e, first, soft, rest)
             p_safe = self.bundle.probe.p_safe(guarded.soft_hidden())
             probe_loss = -torch.log(p_safe.clamp_min(1e-6)).mean()
-            reminder_loss = guarded.second_loss(vlm.lm_head).mean()
-            loss = loss + self.cfg.probe_weight * probe_loss + self.cfg.reminder_weight * reminder_loss
             flagged = p_safe < self.guard.threshold
-            parts |= {"probe_loss": float(probe_loss.detach()), "reminder_loss": float(reminder_loss.detach()),
-                      "p_safe": float(p_safe.detach().mean())}
-            if self.guard.blind_threshold is not None:  # the image-blind check, read as the guard reads it
-                blind = self.blind_p_safe(goals, [t[:c] for t, c in zip(ids, cut)], soft)
+            parts |= {"probe_loss": float(probe_loss.detach()), "p_safe": float(p_safe.detach().mean())}
+            if self.guard.blind_threshold is None:
+                after = guarded
+            else:  # the image-blind check, read as the guard reads it; a flagged answer continues blind too
+                after = self.blind_forward(goals, first, soft, rest)
+                blind = self.bundle.probe.p_safe(after.soft_hidden())
                 blind_loss = -torch.log(blind.clamp_min(1e-6)).mean()
-                loss = loss + self.cfg.probe_weight * blind_loss
+                probe_loss = probe_loss + blind_loss
                 flagged = flagged | (blind < self.guard.blind_threshold)
                 parts |= {"blind_loss": float(blind_loss.detach()), "p_safe_blind": float(blind.detach().mean())}
+            reminder_loss = after.second_loss(vlm.lm_head).mean()
+            loss = loss + self.cfg.probe_weight * probe_loss + self.cfg.reminder_weight * reminder_loss
+            parts["reminder_loss"] = float(reminder_loss.detach())
             parts["flag_rate"] = float(flagged.float().mean())
         return loss, parts
 
-    def blind_p_safe(self, goals: list[str], answers: list[list[int]], soft: torch.Tensor) -> torch.Tensor:
-        """P(safe) of the image-blind twin: the prompt without the image, then the answer and the soft prompt.
-        Nothing in it depends on the pixels: the image reaches this reading only through which answer tokens
-        are decoded, and these are given (teacher-forced), so its gradient with respect to the image is zero."""
+    def blind_forward(self, goals: list[str], first: list[list[int]], soft: torch.Tensor,
+                      rest: list[list[int]]) -> AnswerForward:
+        """The image-blind twin, teacher-forced: the prompt without the image, the answer, the soft prompt and the
+        continuation (which the guard decodes from the twin after a flag). Nothing in it depends on the pixels:
+        the image reaches it only through which answer tokens are decoded, and these are given, so its
+        gradient with respect to the image is zero."""
         e = self.vlm.embed(self.vlm.encode([Prompt(g) for g in goals]))
-        return self.bundle.probe.p_safe(answer_forward(self.vlm, e, answers, soft).soft_hidden())
+        return answer_forward(self.vlm, e, first, soft, rest)
 
 
 def run_pgd(vlm: VLM, clean: Image.Image, train: list[tuple[str, str]], cfg: PGDConfig, bundle=None,
