@@ -128,7 +128,7 @@ def write_results(frame: pd.DataFrame, out: Path) -> dict:
     categories.to_csv(out / "metrics_by_category.csv", index=False)
     keep = ["key", "benchmark", "category", "label", "system", "question", "prompt", "attack", "answer_prefix", "response", "full_text",
             "judged_continuation", "verdict_full", "verdict_continuation", "refusal", "changed", "flagged",
-            "flagged_at", "tokens_before_flag", "n_tokens", "latency_s", "checks"]
+            "flagged_at", "tokens_before_flag", "n_tokens", "finish_reason", "latency_s", "checks"]
     frame[keep].to_json(out / "responses.jsonl", orient="records", lines=True, force_ascii=False)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

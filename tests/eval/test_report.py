@@ -75,3 +75,20 @@ def test_report_renders_in_chromium_and_matches_metrics(eval_run):
     assert rows == expected
     md = html.with_suffix(".md").read_text()
     assert "## Goal check" in md and "| figstep |" in md and "advbench_pgd" in md
+
+
+def test_the_goal_check_pools_benign_refusal_and_how_flagged_answers_end():
+    from sr_ray.eval.report import goal_rows
+
+    def m(n, asr=None, refusal=0.0, flag=0.0, stop=None):
+        return dict(n=n, asr_full=asr, refusal_rate=refusal, changed_vs_undefended=0.0, intervention_rate=flag,
+                    flagged_stop_rate=stop)
+
+    metrics = {"undefended": {"advbench": m(10, asr=1.0), "harmless": m(10, refusal=0.1)},
+               "safety_reminder": {"advbench": m(10, asr=0.1, flag=0.8, stop=1.0),  # 8 flagged, all end
+                                   "harmless": m(10, refusal=0.04, flag=0.2, stop=0.5)}}  # 2 flagged, 1 ends
+    rows = {r["name"]: r for r in goal_rows(metrics)}
+    assert rows["safety_reminder: relative ASR cut"]["met"] is True
+    assert rows["safety_reminder: benign refusal"]["met"] is True
+    assert rows["safety_reminder: flagged answers that end (EOS)"]["value"] == fmt(0.9)
+    assert rows["safety_reminder: flagged answers that end (EOS)"]["met"] is True
