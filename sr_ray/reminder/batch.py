@@ -43,6 +43,32 @@ class DecodeBatch:
         self.mask = mask
         return hidden
 
+    def side_forward(self, rows: list[int], embeds: torch.Tensor, step_pos: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        """Feed (len(rows), W) columns to a copy of these rows' cache only; the batch itself is unchanged. A check
+        of a few rows then costs their W columns, not W columns for every row of the batch (`adopt` keeps them)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        side = DynamicCache(config=self.vlm.text_config)
+        for mine, theirs in zip(side.layers, self.cache.layers):
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys, mine.values = theirs.keys[idx], theirs.values[idx]
+        mask = torch.cat([self.mask[idx], self.mask.new_ones(len(rows), embeds.shape[1])], 1)
+        return self.vlm.hidden(embeds, mask, self.vlm.positions(step_pos), side), side
+
+    def adopt(self, side: DynamicCache, rows: list[int], keep: list[bool], n: int) -> None:
+        """Append `side`'s last n columns (from `side_forward` over `rows`) to the batch: the rows whose `keep` is
+        set take theirs, every other row gets n masked-out zero columns."""
+        idx = torch.tensor([b for b, k in zip(rows, keep) if k], dtype=torch.long, device=self.mask.device)
+        mine = torch.tensor([j for j, k in enumerate(keep) if k], dtype=torch.long, device=self.mask.device)
+        for layer, their in zip(self.cache.layers, side.layers):
+            for name in ("keys", "values"):
+                old, new = getattr(layer, name), getattr(their, name)[mine, :, -n:]
+                grown = old.new_zeros(*old.shape[:2], n, old.shape[-1])
+                grown[idx] = new
+                setattr(layer, name, torch.cat([old, grown], -2))
+        step = self.mask.new_zeros(len(self), n)
+        step[idx] = 1
+        self.mask = torch.cat([self.mask, step], 1)
+
     def drop_last(self, n: int) -> None:
         self.cache.crop(-n)
         self.mask = self.mask[:, :-n]

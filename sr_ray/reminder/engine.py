@@ -11,10 +11,15 @@ and is re-prefilled from prompt + decoded prefix + soft prompt; only that contin
 
 `_Batch` is the running state of one decode (rows, one left-padded KV cache, its mask, positions and
 next-token logits). `stream()` decodes a fixed batch with it; `scheduler.ContinuousScheduler` lets rows join
-and leave it between steps. `separate_check=True` runs the check as its own k-wide forward after the token
-forward instead of fusing them: the token forward is then exactly the unguarded one, which keeps bf16
+and leave it between steps.
+
+A check can also run apart: the token forward first, then the soft prompt over only the checking rows, on a
+copy of their cache rows (`DecodeBatch.side_forward`; a flagged row's soft columns are copied back).
+`separate_check=True` always does so: the token forward is then exactly the unguarded one, which keeps bf16
 decoding of never-flagged rows token-identical to plain decoding (the fused forward's width changes bf16
-rounding), at the cost of one more forward per check step.
+rounding). `split_check_min_idle=n` does so when at least n rows of the batch are not checking: a fused check
+pads every row with k soft columns, which on CPU costs more than one more forward over a few rows (a row
+ending out of phase with the batch's check steps, docs/core.md).
 """
 
 from __future__ import annotations
@@ -127,10 +132,11 @@ def per_row(value, n: int) -> list:
 
 class GuardedGenerator:
     def __init__(self, vlm: VLM, soft_prompt=None, probe=None, config: GuardConfig | None = None,
-                 separate_check: bool = False):
+                 separate_check: bool = False, split_check_min_idle: int | None = 4):
         self.vlm, self.soft_prompt, self.probe = vlm, soft_prompt, probe
         self.config = config or GuardConfig()
         self.separate_check = separate_check
+        self.split_check_min_idle = split_check_min_idle
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling=None, guard: bool | GuardConfig | list = True) -> list[GuardedOutput]:
@@ -266,35 +272,47 @@ class GuardedGenerator:
 
     def _feed(self, batch: DecodeBatch, tokens, feed, check, events) -> None:
         vlm, dev, B = self.vlm, batch.mask.device, len(batch)
+        checking = [b for b, c in enumerate(check) if c]
+        apart = bool(checking) and (self.separate_check or (
+            self.split_check_min_idle is not None and B - len(checking) >= self.split_check_min_idle))
         fed = torch.tensor(feed, device=dev)
         parts = []
-        if any(feed) or not self.separate_check:  # fused: the token column is there even if no row feeds
+        if any(feed) or (checking and not apart):  # fused: the token column is there even if no row feeds
             parts.append((vlm.embed_tokens(torch.tensor(tokens, device=vlm.device))[:, None],
                           fed[:, None].to(batch.mask.dtype), batch.next_pos[:, None]))
             batch.next_pos = batch.next_pos + fed
-        soft = k = None
-        if any(check):
-            soft = self.soft_prompt(vlm.dtype)
-            k = soft.shape[0]
+        soft = self.soft_prompt(vlm.dtype) if checking else None
+        k = 0 if soft is None else soft.shape[0]
+        if checking and not apart:
             on = torch.tensor(check, device=dev)
             embeds = torch.zeros(B, k, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
             embeds[on] = soft
             parts.append((embeds, on[:, None].expand(B, k).to(batch.mask.dtype),
                           batch.next_pos[:, None] + torch.arange(k, device=dev)))
-        groups = [parts] if not self.separate_check else [[p] for p in parts]
-        hidden = [batch.forward(*(torch.cat(t, 1) for t in zip(*group))) for group in groups]
-        if any(feed) or not self.separate_check:
-            batch.logits = vlm.lm_head(hidden[0][:, 0]).float()
-        if soft is None:
+        if parts:
+            hidden = batch.forward(*(torch.cat(t, 1) for t in zip(*parts)))
+            batch.logits = vlm.lm_head(hidden[:, 0]).float()
+        if not checking:
             return
-        keep = self._apply_checks(hidden[-1][:, -1], batch.rows, check, events, batch.logits, tokens)
-        if keep:
-            keep_t = torch.tensor(keep, device=dev)
-            batch.mask[:, -k:] *= keep_t[:, None]  # the others never saw the reminder
-            batch.logits[keep_t] = vlm.lm_head(hidden[-1][keep_t, -1]).float()
-            batch.next_pos = batch.next_pos + keep_t * k
+        if apart:  # only the checking rows run the soft prompt, over a copy of their cache rows
+            side_hidden, side = batch.side_forward(
+                checking, soft.expand(len(checking), -1, -1), batch.next_pos[checking, None] + torch.arange(k, device=dev))
+            h_last = side_hidden.new_zeros(B, vlm.hidden_size)
+            h_last[checking] = side_hidden[:, -1]
         else:
-            batch.drop_last(k)
+            h_last = hidden[:, -1]
+        keep = self._apply_checks(h_last, batch.rows, check, events, batch.logits, tokens)
+        if keep is None:
+            if not apart:
+                batch.drop_last(k)
+            return
+        keep_t = torch.tensor(keep, device=dev)
+        if apart:
+            batch.adopt(side, checking, [keep[b] for b in checking], k)
+        else:
+            batch.mask[:, -k:] *= keep_t[:, None]  # the others never saw the reminder
+        batch.logits[keep_t] = vlm.lm_head(h_last[keep_t]).float()
+        batch.next_pos = batch.next_pos + keep_t * k
 
     def _apply_checks(self, h_last, rows, check, events, logits, tokens) -> list[bool] | None:
         """Run the probe on checked rows; return per-row 'keep the reminder in the cache' (None if none)."""

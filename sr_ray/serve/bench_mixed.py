@@ -44,7 +44,7 @@ class MixedBenchConfig:
     max_batch_size: int = 8
     num_cpus: float = 1.0
     seed: int = 0
-    ratio_requests: int = 8  # per mode per round of the guarded/plain phase (64 tokens, concurrency = batch)
+    ratio_requests: int = 16  # per mode per round of the guarded/plain phase (64 tokens, concurrency = batch)
     disconnect_tokens: int = 256  # the long answer of the CPU-after-disconnect probe
     port: int | None = None  # None: a free port (or the running Serve proxy's, when given)
 

@@ -47,6 +47,9 @@ class BatchingConfig:
     kv_budget_tokens: int = 32768  # continuous: cache rows x columns; requests wait when it is full
     prefill_chunk_tokens: int = 128  # continuous: prompt tokens prefilled between two decode steps
     separate_check: bool = False  # the check as its own forward: bf16 never-flagged rows = plain (docs/core.md)
+    # a check leaving at least this many rows idle runs apart over the checking rows (None: always fused; on a
+    # GPU, where a wider step is nearly free, None is the better choice)
+    split_check_min_idle: int | None = 4
     check_steps: Literal["shared", "own"] = "shared"  # continuous: rows check on the batch's shared steps
     stuck_after_s: float = 30.0  # check_health fails when one decode iteration runs longer
     batch_wait_timeout_s: float = 0.02  # static only
@@ -151,6 +154,8 @@ class ServeConfig:
         if self.guard.enabled and not (self.bundle or self.probe):
             raise ValueError("guard.enabled needs a reminder: set `bundle` (dir or models:/name/version) or "
                              "`probe` (dir); or run with guard.enabled=false")
+        idle = self.batching.split_check_min_idle
+        require(idle is None or idle >= 0, f"batching.split_check_min_idle must be >= 0 or null, got {idle}")
         lo, hi = self.guard.interval_bounds
         if not 1 <= lo <= hi:
             raise ValueError(f"guard.interval_bounds must be 1 <= lo <= hi, got {self.guard.interval_bounds}")

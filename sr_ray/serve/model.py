@@ -71,7 +71,8 @@ class GuardedModel:
         soft_prompt, probe, self.base_guard = reminder or (None, None, GuardConfig())
         b = cfg.batching
         self.generator = GuardedGenerator(self.vlm, soft_prompt, probe, self.base_guard,
-                                          separate_check=b.separate_check)
+                                          separate_check=b.separate_check,
+                                          split_check_min_idle=b.split_check_min_idle)
         self.scheduler = None
         if b.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(self.generator, SchedulerConfig(

@@ -25,11 +25,15 @@ IMAGE = Prompt("What is shown in this picture?", Image.new("RGB", (48, 40), (200
 SHORT = Prompt("hi")
 
 
-def generator(vlm, separate_check: bool = False) -> GuardedGenerator:
+def generator(vlm, separate_check: bool = False, split_check_min_idle: int | None = None) -> GuardedGenerator:
     torch.manual_seed(0)  # a probe that reads the hidden state, so checks at wrong positions would show
     probe = HarmProbe(torch.randn(vlm.hidden_size) * 0.05, 0.0)
     return GuardedGenerator(vlm, SoftPrompt.from_text(vlm), probe, GuardConfig(interval=INTERVAL),
-                            separate_check=separate_check)
+                            separate_check=separate_check, split_check_min_idle=split_check_min_idle)
+
+
+# how a check runs: fused into the batch's step, or apart over the checking rows whenever a row is idle
+CHECK_PATHS = pytest.mark.parametrize("split", [None, 1], ids=["fused", "apart"])
 
 
 def guard(threshold: float, **kw) -> GuardConfig:
@@ -83,8 +87,9 @@ def alone(gen, prompt, n, g):
     return gen.generate([prompt], sampling(n), g)[0]
 
 
-def test_rows_join_and_leave_mid_decode_with_their_solo_outputs(tiny_vlm):
-    gen = generator(tiny_vlm)
+@CHECK_PATHS
+def test_rows_join_and_leave_mid_decode_with_their_solo_outputs(tiny_vlm, split):
+    gen = generator(tiny_vlm, split_check_min_idle=split)
     d = Driver(ContinuousScheduler(gen, SchedulerConfig(prefill_chunk_tokens=8, check_steps="own")))
     a, ta = d.submit(LONG, 20, guard(NEVER))
     d.steps(5)
@@ -102,8 +107,9 @@ def test_rows_join_and_leave_mid_decode_with_their_solo_outputs(tiny_vlm):
     assert d.s.stats.max_rows == 3 and d.s.stats.finished == 3 and d.s.rows == 0
 
 
-def test_a_row_that_joined_late_is_flagged_and_continues_in_place(tiny_vlm):
-    gen = generator(tiny_vlm)
+@CHECK_PATHS
+def test_a_row_that_joined_late_is_flagged_and_continues_in_place(tiny_vlm, split):
+    gen = generator(tiny_vlm, split_check_min_idle=split)
     d = Driver(ContinuousScheduler(gen, SchedulerConfig(check_steps="own")))
     a, ta = d.submit(LONG, 20, guard(NEVER))
     d.steps(3)
@@ -163,6 +169,36 @@ def test_shared_check_steps_put_rows_that_joined_apart_in_one_wide_forward(tiny_
     # the late row's flag fires at its first shared check and the reminder's continuation follows in place
     out_c = tc.output
     assert out_c.flagged_at == out_c.checks[0].position < INTERVAL and len(out_c.continuation_ids) == 8
+
+
+def test_a_check_apart_runs_the_soft_prompt_over_the_checking_rows_only(tiny_vlm, monkeypatch):
+    """With own check steps, rows that joined apart check at different steps: apart, each such check feeds
+    the k soft columns to its rows alone and the batch's step stays one column wide; a flag there keeps the
+    row's reminder in the batch (same output as alone, hence as fused)."""
+    gen = generator(tiny_vlm, split_check_min_idle=1)
+    steps, sides, forward, side_forward = [], [], DecodeBatch.forward, DecodeBatch.side_forward
+
+    def spy_step(self, embeds, *args):
+        steps.append((embeds.shape[1], len(self)))
+        return forward(self, embeds, *args)
+
+    def spy_side(self, rows, *args):
+        sides.append((len(rows), len(self)))
+        return side_forward(self, rows, *args)
+    monkeypatch.setattr(DecodeBatch, "forward", spy_step)
+    monkeypatch.setattr(DecodeBatch, "side_forward", spy_side)
+    d = Driver(ContinuousScheduler(gen, SchedulerConfig(check_steps="own")))
+    _, ta = d.submit(LONG, 20, guard(NEVER))
+    d.steps(2)
+    _, tb = d.submit(SHORT, 12, guard(ALWAYS))
+    d.steps()
+    partial = [(c, b) for c, b in sides if c < b]
+    assert partial and all(c == 1 for c, _ in partial)  # a lone check: one row through the soft prompt
+    # a step was widened only where no row was idle: a row checking alone in the batch
+    assert {rows for width, rows in steps if width > 1} == {1}
+    same(tb.output, alone(gen, SHORT, 12, guard(ALWAYS)))
+    same(ta.output, alone(gen, LONG, 20, guard(NEVER)))
+    assert tb.output.flagged_at == INTERVAL
 
 
 def test_a_cancelled_request_leaves_within_one_step(tiny_vlm):
