@@ -3,8 +3,9 @@
 For each defended bundle (the plain one and the one carrying a robust option), adaptive PGD is crafted against
 that full guarded pipeline (`sr-ray attack pgd-adaptive`, every defense component in its objective) for
 max(steps) steps, keeping the image after each step count (`PGDConfig.snapshots`); each image is evaluated on
-the held-out AdvBench test goals. Undefended and Self-Reminder are evaluated under the images crafted against
-the plain bundle. Output: OUT/sweep.json (rows: steps, system, n, asr_full, flag_rate, refusal_rate),
+the held-out AdvBench test goals, with undefended and Self-Reminder under the same images, so each defense's
+ASR cut (`asr_cut`) is read against the undefended model under the images crafted against that defense.
+Output: OUT/sweep.json (rows: steps, attack, system, n, asr_full, asr_cut, flag_rate, refusal_rate),
 OUT/sweep.png, and every attack and evaluation directory under OUT.
 """
 
@@ -46,28 +47,36 @@ class SweepConfig:
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.out)
     rows = []
-    defended = {"safety_reminder": (cfg.bundle, ["self_reminder", "safety_reminder"]),
-                "robust": (cfg.robust_bundle, ["safety_reminder"])}
-    for name, (bundle, systems) in defended.items():
+    defended = {"safety_reminder": cfg.bundle, "robust": cfg.robust_bundle}
+    for name, bundle in defended.items():
         attack = run_attack(AttackConfig(
             attack="pgd-adaptive", out=str(out / f"attack_{name}"), data_dir=cfg.data_dir, processed_dir=cfg.processed_dir,
             model=cfg.model, bundle=bundle, n_train=cfg.n_train, n_test=cfg.n_test,
             pgd=replace(cfg.pgd, steps=max(cfg.steps), snapshots=list(cfg.steps))))
         for steps in cfg.steps:
             metrics = evaluate(EvaluateConfig(
-                out=str(out / f"eval_{name}_{steps}"), bundle=bundle, model=cfg.model, systems=systems, benchmarks=[],
+                out=str(out / f"eval_{name}_{steps}"), bundle=bundle, model=cfg.model,
+                systems=["self_reminder", "safety_reminder"], benchmarks=[],
                 attack_dirs=[str(attack / f"steps_{steps}")], limit=None, max_new_tokens=cfg.max_new_tokens,
                 reminder_max_new_tokens=cfg.max_new_tokens, awareness=dict(limit=0)))
+            undefended = metrics["undefended"][BENCHMARK]["asr_full"]
             for system, per_benchmark in metrics.items():
-                if name == "robust" and system != "safety_reminder":
-                    continue  # undefended was measured under the plain bundle's images
                 m = per_benchmark[BENCHMARK]
-                rows.append(dict(steps=steps, system="safety_reminder+robust" if name == "robust" else system,
-                                 n=m["n"], asr_full=m["asr_full"], flag_rate=m.get("intervention_rate"),
-                                 refusal_rate=m["refusal_rate"]))
+                cut = 1 - m["asr_full"] / undefended if undefended else None  # against its own attack's images
+                rows.append(dict(steps=steps, attack=name, system=system_label(system, name), n=m["n"],
+                                 asr_full=m["asr_full"], asr_cut=None if system == "undefended" else cut,
+                                 flag_rate=m.get("intervention_rate"), refusal_rate=m["refusal_rate"]))
     (out / "sweep.json").write_text(json.dumps(dict(rows=rows, config=asdict(cfg)), indent=2))
     plot_sweep(rows, out / "sweep.png")
     return rows
+
+
+def system_label(system: str, attack: str) -> str:
+    """Under the robust bundle's attack every system is labelled with it: its images differ from the plain
+    bundle's, so undefended and Self-Reminder are measured under both."""
+    if attack != "robust":
+        return system
+    return "safety_reminder+robust" if system == "safety_reminder" else f"{system} (robust's images)"
 
 
 def plot_sweep(rows: list[dict], path: Path) -> Path:
