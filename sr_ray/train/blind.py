@@ -6,10 +6,11 @@ which gradient attacks on pixels cannot differentiate through. Nothing is traine
 like SAPT's (`calibrated_threshold`) on the model's own answers to benign validation asks (half text, half
 MM-Vet images): among the answers the bundle's own check leaves alone, each one's lowest blind reading over all
 its checks, so that the blind check adds at most `benign_flag_rate` benign flags; it never exceeds the bundle's
-threshold (without an image both readings are the same reading). The flag rates on jailbroken
-validation answers (prefill attack, typography) are measured and recorded, for the blind check alone and with
-the bundle's own check. Only val rows are read, and none whose item is any source's test item; the output is a new bundle directory (the parts copied, so
-their checksums hold) with `blind_threshold` in `bundle.json` and the calibration in `blind.json`.
+threshold (without an image both readings are the same reading). The flag rates on jailbroken validation
+answers (prefill attack, typography) are measured and recorded, for the blind check alone and with the bundle's
+own check. Only val rows are read, and none whose item is any source's test item; the output is a new bundle
+directory (the parts copied, so their checksums hold) with `blind_threshold` in `bundle.json` and the
+calibration in `blind.json`.
 """
 
 from __future__ import annotations
