@@ -28,6 +28,9 @@ class DecodeBatch:
         self.next_pos, self.logits = next_pos, logits
         self.finished = False  # set by the engine when no row has anything left to feed or check
         self.clock = 0  # decode steps that fed a token; rows that join keep the running batch's clock
+        # the rows' image-blind twins (twins.needs_twin) in a cache of their own: text-only, so short, and fed
+        # the answer tokens only when their row checks; they follow their rows through select and merge
+        self.blind: DecodeBatch | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -43,16 +46,28 @@ class DecodeBatch:
         self.mask = mask
         return hidden
 
+    def _copy_cache(self, idx: torch.Tensor) -> DynamicCache:
+        copy = DynamicCache(config=self.vlm.text_config)
+        for mine, theirs in zip(copy.layers, self.cache.layers):
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys, mine.values = theirs.keys[idx], theirs.values[idx]
+        return copy
+
     def side_forward(self, rows: list[int], embeds: torch.Tensor, step_pos: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
         """Feed (len(rows), W) columns to a copy of these rows' cache only; the batch itself is unchanged. A check
         of a few rows then costs their W columns, not W columns for every row of the batch (`adopt` keeps them)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        side = DynamicCache(config=self.vlm.text_config)
-        for mine, theirs in zip(side.layers, self.cache.layers):
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys, mine.values = theirs.keys[idx], theirs.values[idx]
+        side = self._copy_cache(idx)
         mask = torch.cat([self.mask[idx], self.mask.new_ones(len(rows), embeds.shape[1])], 1)
         return self.vlm.hidden(embeds, mask, self.vlm.positions(step_pos), side), side
+
+    def take(self, rows: list[int]) -> "DecodeBatch":
+        """A new batch holding a copy of these rows (their cache, mask, positions and logits); this one unchanged."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        out = DecodeBatch(self.vlm, [self.rows[i] for i in rows], self._copy_cache(idx), self.mask[idx],
+                          self.next_pos[idx], self.logits[idx])
+        out._trim()
+        return out
 
     def adopt(self, side: DynamicCache, rows: list[int], keep: list[bool], n: int) -> None:
         """Append `side`'s last n columns (from `side_forward` over `rows`) to the batch: the rows whose `keep` is
@@ -80,6 +95,19 @@ class DecodeBatch:
             layer.batch_select_indices(idx)
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.next_pos, self.logits = self.mask[idx], self.next_pos[idx], self.logits[idx]
+        self._trim()
+        if self.blind is not None:
+            kept = {id(row) for row in self.rows}
+            self.blind.keep(lambda twin: id(twin.twin_of) in kept)
+            self.blind = self.blind if len(self.blind) else None
+
+    def keep(self, predicate) -> None:
+        """Keep the rows for which `predicate(row)` holds (all of them: no copy)."""
+        idx = [b for b, row in enumerate(self.rows) if predicate(row)]
+        if len(idx) < len(self):
+            self.select(idx)
+
+    def _trim(self) -> None:
         used = self.mask.any(0).nonzero()
         lead = int(used[0]) if len(used) else self.columns
         if lead:
@@ -101,6 +129,11 @@ class DecodeBatch:
         self.next_pos = torch.cat([self.next_pos, other.next_pos], 0)
         self.logits = torch.cat([self.logits, other.logits], 0)
         self.rows = self.rows + other.rows
+        if other.blind is not None:
+            if self.blind is None:
+                self.blind = other.blind
+            else:
+                self.blind.merge(other.blind)
 
 
 def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
@@ -139,5 +172,12 @@ class Prefill:
         return self
 
     def batch(self) -> DecodeBatch:
+        """The prefilled rows as a batch; image-blind twins (rows with `twin_of`) go to its `blind` batch."""
         logits = self.vlm.lm_head(self.last_hidden).float()
-        return DecodeBatch(self.vlm, self.rows, self.cache, self.e.attention_mask, self.e.next_pos.clone(), logits)
+        batch = DecodeBatch(self.vlm, self.rows, self.cache, self.e.attention_mask, self.e.next_pos.clone(), logits)
+        twins = [b for b, row in enumerate(self.rows) if getattr(row, "twin_of", None) is not None]
+        if twins:
+            blind = batch.take(twins)
+            batch.keep(lambda row: getattr(row, "twin_of", None) is None)
+            batch.blind = blind
+        return batch

@@ -32,6 +32,7 @@ import torch
 from sr_ray.models.vlm import VLM, Embedded, Prompt
 from sr_ray.reminder.batch import DecodeBatch, Prefill
 from sr_ray.reminder.guard import GuardConfig
+from sr_ray.reminder.twins import needs_twin, read_twins, settle_twins
 
 
 @dataclass
@@ -107,7 +108,8 @@ class _Row:
     done: bool = False
     finish_reason: str = ""
     emitted: bool = False  # its final output event was sent
-    twin_of: "_Row | None" = None  # set on an image-blind twin: it mirrors this row's tokens and checks
+    twin_of: "_Row | None" = None  # set on an image-blind twin (in `DecodeBatch.blind`): it reads this row's answer
+    fed: int = 0  # a twin: answer tokens of its row already in its own cache
 
     def due(self, clock: int | None) -> bool:
         """Whether a check is due now: at the row's own answer length (`clock` None), or on the batch's shared
@@ -119,11 +121,6 @@ class _Row:
         if clock is None:
             return n % g.interval == at
         return clock % g.interval == at or n - self.last_checked >= g.interval
-
-
-def needs_twin(prompt: Prompt, guard: GuardConfig | None) -> bool:
-    """Whether a row decodes beside an image-blind twin: its guard has the blind check and its prompt an image."""
-    return guard is not None and guard.blind_threshold is not None and prompt.image is not None
 
 
 def per_row(value, n: int) -> list:
@@ -164,8 +161,9 @@ class GuardedGenerator:
     @staticmethod
     def twins(prompts: list[Prompt], rows: list[_Row]) -> tuple[list[Prompt], list[_Row]]:
         """The image-blind twins of the rows whose guard asks for them and whose prompt has an image: the prompt
-        without it (the answer prefix kept), decoded beside its row in the same batch, fed the row's tokens and
-        checked with it. A text-only row needs none: its own reading is the blind one."""
+        without it (the answer prefix kept), prefilled with its row and then kept in the batch's `blind` cache,
+        where it reads the row's answer at the row's checks (`twins.py`). A text-only row needs none: its own
+        reading is the blind one."""
         pairs = [(replace(p, image=None), _Row(r.key, r.sampling, None, None, 0, twin_of=r, emitted=True))
                  for p, r in zip(prompts, rows) if needs_twin(p, r.guard)]
         return [p for p, _ in pairs], [t for _, t in pairs]
@@ -198,7 +196,7 @@ class GuardedGenerator:
         tokens = logits.argmax(-1).tolist()
         for b, row in enumerate(rows):
             s = row.sampling
-            if row.done or row.twin_of is not None or not s.do_sample or s.temperature <= 0:
+            if row.done or not s.do_sample or s.temperature <= 0:
                 continue
             probs = torch.softmax(logits[b].float() / s.temperature, -1)
             if s.top_p < 1.0:
@@ -239,7 +237,7 @@ class GuardedGenerator:
         events: dict[int, StepEvent] = {}
         feed = [False] * len(rows)
         for b, row in enumerate(rows):
-            if row.done or row.twin_of is not None:
+            if row.done:
                 continue
             if row.budget <= 0 or (tokens[b] in vlm.eos_token_ids and not row.sampling.ignore_eos):
                 self._end(row, "length" if row.budget <= 0 else "stop")
@@ -255,11 +253,6 @@ class GuardedGenerator:
             and ((feed[b] and row.due(clock)) or bool(row.end_pending))
             for b, row in enumerate(rows)
         ]
-        at = {id(row): b for b, row in enumerate(rows)}
-        for b, row in enumerate(rows):  # a twin is fed its row's token and checked with it, until the row ends
-            if row.twin_of is not None:
-                m = at[id(row.twin_of)]
-                tokens[b], feed[b], check[b], row.done = tokens[m], feed[m], check[m], rows[m].done
         for b, row in enumerate(rows):  # rows that just finished without an end check
             if row.done and not row.emitted:
                 row.emitted = True
@@ -301,30 +294,34 @@ class GuardedGenerator:
             h_last[checking] = side_hidden[:, -1]
         else:
             h_last = hidden[:, -1]
-        keep = self._apply_checks(h_last, batch.rows, check, events, batch.logits, tokens)
-        if keep is None:
+        blind = read_twins(self.vlm, self.probe, batch, check, soft)
+        keep, handed = self._apply_checks(h_last, batch.rows, check, events, batch.logits, tokens, blind)
+        if not any(keep):
             if not apart:
                 batch.drop_last(k)
-            return
-        keep_t = torch.tensor(keep, device=dev)
-        if apart:
-            batch.adopt(side, checking, [keep[b] for b in checking], k)
         else:
-            batch.mask[:, -k:] *= keep_t[:, None]  # the others never saw the reminder
-        batch.logits[keep_t] = vlm.lm_head(h_last[keep_t]).float()
-        batch.next_pos = batch.next_pos + keep_t * k
+            keep_t = torch.tensor(keep, device=dev)
+            if apart:
+                batch.adopt(side, checking, [keep[b] for b in checking], k)
+            else:
+                batch.mask[:, -k:] *= keep_t[:, None]  # the others never saw the reminder
+            batch.logits[keep_t] = vlm.lm_head(h_last[keep_t]).float()
+            batch.next_pos = batch.next_pos + keep_t * k
+        if blind:
+            settle_twins(self.vlm, batch, handed, blind, k)
 
-    def _apply_checks(self, h_last, rows, check, events, logits, tokens) -> list[bool] | None:
-        """Run the probe on checked rows; return per-row 'keep the reminder in the cache' (None if none)."""
+    def _apply_checks(self, h_last, rows, check, events, logits, tokens, blind) -> tuple[list[bool], list[_Row]]:
+        """Run the probe on checked rows; return per-row 'keep the reminder in the cache', and the flagged rows
+        whose image-blind twin takes over (`blind`: the twins' readings, `_read_twins`)."""
         p_safe = self.probe.p_safe(h_last).tolist()
-        twin = {id(row.twin_of): b for b, row in enumerate(rows) if row.twin_of is not None}
-        keep = [False] * len(rows)
-        for b in [b for b, row in enumerate(rows) if check[b] and row.twin_of is None]:  # before any hand-over
+        keep, handed = [False] * len(rows), []
+        for b in [b for b, row in enumerate(rows) if check[b]]:
             row, g = rows[b], rows[b].guard
             threshold = g.threshold if g.threshold is not None else self.probe.threshold
-            blind = None if g.blind_threshold is None else p_safe[twin.get(id(row), b)]
-            flagged = p_safe[b] < threshold or (blind is not None and blind < g.blind_threshold)
-            result = Check(len(row.answer), p_safe[b], flagged, blind)
+            # a text-only row has no twin: its own reading is the blind one
+            blind_p = None if g.blind_threshold is None else blind[id(row)][1] if id(row) in blind else p_safe[b]
+            flagged = p_safe[b] < threshold or (blind_p is not None and blind_p < g.blind_threshold)
+            result = Check(len(row.answer), p_safe[b], flagged, blind_p)
             row.checks.append(result)
             row.last_checked = len(row.answer)
             ev = events.setdefault(b, StepEvent(row.key, []))
@@ -346,21 +343,11 @@ class GuardedGenerator:
             else:
                 row.end_pending = ""
                 row.budget = g.reminder_max_new_tokens
-                if id(row) in twin:  # the reminder continues without the (attacker-controlled) image
-                    self._hand_over(row, rows[twin[id(row)]])
-                    keep[twin[id(row)]] = True
+                if id(row) in blind:  # the reminder continues without the (attacker-controlled) image
+                    handed.append(row)
                 else:
                     keep[b] = True
-        return keep if any(keep) else None
-
-    @staticmethod
-    def _hand_over(row: _Row, twin: _Row) -> None:
-        """After a flag, the image-blind twin becomes the row (same key, answer, checks and budget) and decodes
-        the continuation with the reminder kept; the row with the image retires silently and leaves the batch."""
-        for name, value in vars(row).items():
-            setattr(twin, name, list(value) if isinstance(value, list) else value)
-        twin.twin_of = None
-        row.done, row.emitted, row.finish_reason = True, True, ""
+        return keep, handed
 
     def _end(self, row: _Row, reason: str) -> None:
         g = row.guard

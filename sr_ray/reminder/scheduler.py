@@ -41,7 +41,8 @@ import torch
 
 from sr_ray.models.vlm import Prompt, PromptBatch
 from sr_ray.reminder.batch import DecodeBatch, Prefill
-from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, needs_twin, per_row
+from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, per_row
+from sr_ray.reminder.twins import needs_twin
 from sr_ray.reminder.guard import GuardConfig
 
 
@@ -214,7 +215,7 @@ class ContinuousScheduler:
             t = self._waiting[0]
             live = [self._tickets[r.key] for r in (self._running.rows if self._running else [])]
             live += [x[0] for x in self._prefilling]
-            live = list({id(x): x for x in live}.values())  # a ticket with a twin holds two rows
+            live = list({id(x): x for x in live}.values())  # for one step a handed-over ticket holds two rows
             rows = sum(x.rows for x in live) + t.rows
             width = max([x.reserved for x in live] + [t.reserved])
             if len(live) + 1 > cfg.max_batch_size or rows * width > cfg.kv_budget_tokens:
@@ -247,7 +248,9 @@ class ContinuousScheduler:
         batch = self._running
         self.stats.steps += 1
         self.stats.max_rows = max(self.stats.max_rows, len(batch))
-        self.stats.max_kv_tokens = max(self.stats.max_kv_tokens, len(batch) * batch.columns)
+        twins = batch.blind
+        kv = len(batch) * batch.columns + (len(twins) * twins.columns if twins is not None else 0)
+        self.stats.max_kv_tokens = max(self.stats.max_kv_tokens, kv)
         events = self.gen.step(batch, shared_checks=self.config.check_steps == "shared")
         for ev in events:
             t = self._tickets[ev.row]
@@ -263,8 +266,7 @@ class ContinuousScheduler:
             embedded, subs, prefill = self.gen.official_followup([t.prompt], [row])
             t.first_row, t.followup_prefill = row, prefill[0]
             self._prefilling.append((t, Prefill(self.vlm, embedded, subs)))
-        self._keep_rows(lambda row: not ((row.twin_of or row).done and (row.twin_of or row).emitted)
-                        and not batch.finished)
+        self._keep_rows(lambda row: not (row.done and row.emitted) and not batch.finished)
 
     def _keep_rows(self, keep: Callable) -> None:
         batch = self._running

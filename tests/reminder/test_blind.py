@@ -87,12 +87,34 @@ def test_rows_with_twins_join_flag_and_leave_under_the_scheduler_as_alone(tiny_v
     assert s.rows == 1  # a text-only row needs no twin
     s.submit(IMAGE, SAMPLING, guard(NEVER, ALWAYS), collect("flagged"))
     plain = s.submit(IMAGE, SAMPLING, False, collect("plain"))  # unguarded: no twin
+    twins = 0
     while s.pending():
         s.step()
-    assert s.stats.max_rows == 4 and s.rows == 0  # text 1, flagged image row + its twin 2, plain 1
+        running = s._running
+        twins = max(twins, len(running.blind) if running is not None and running.blind is not None else 0)
+    # text 1, image row 1 (then its twin, after the hand-over), plain 1; the twin waited in the blind cache
+    assert s.stats.max_rows == 3 and twins == 1 and s.rows == 0
     for name, prompt, g in (("text", TEXT, guard(NEVER, NEVER)), ("flagged", IMAGE, guard(NEVER, ALWAYS)),
                             ("plain", IMAGE, False)):
         alone = gen.generate([prompt], SAMPLING, g)[0]
         assert got[name].prefix_ids == alone.prefix_ids and got[name].continuation_ids == alone.continuation_ids
         assert got[name].flagged_at == alone.flagged_at
     assert got["flagged"].flagged_at == INTERVAL and plain.done
+
+
+def test_the_twin_is_fed_only_at_its_rows_checks_in_a_cache_without_the_image(tiny_vlm, monkeypatch):
+    from sr_ray.reminder.batch import DecodeBatch
+
+    gen, calls, forward = generator(tiny_vlm), [], DecodeBatch.forward
+
+    def spy(self, embeds, *args):
+        calls.append((any(row.twin_of is not None for row in self.rows), embeds.shape[1], self.columns))
+        return forward(self, embeds, *args)
+    monkeypatch.setattr(DecodeBatch, "forward", spy)
+    out = gen.generate([IMAGE], SAMPLING, guard(NEVER, NEVER))[0]
+    twin = [c for c in calls if c[0]]
+    main = [c for c in calls if not c[0]]
+    assert len(twin) == len(out.checks) == 4  # at 4, 8, 12 and the end check at 14, never in between
+    # each reading feeds the tokens since the last one plus the soft prompt (k = 4): 4, 4, 4, 2 tokens
+    assert [w for _, w, _ in twin] == [8, 8, 8, 6]
+    assert twin[0][2] < main[0][2]  # at the first check: the text prompt's columns, not the image prompt's
