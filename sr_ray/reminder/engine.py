@@ -9,9 +9,9 @@ logits, so a flag costs no extra prefill. Rows of a batch that keep no reminder 
 `mode="official"` reproduces the official code instead: the flagged row stops (after that step's token),
 and is re-prefilled from prompt + decoded prefix + soft prompt; only that continuation is returned.
 
-`_Batch` is the running state of one decode (rows, one left-padded KV cache, its mask, positions and
+`batch.DecodeBatch` is the running state of one decode (rows, one left-padded KV cache, its mask, positions and
 next-token logits). `stream()` decodes a fixed batch with it; `scheduler.ContinuousScheduler` lets rows join
-and leave it between steps.
+and leave it between steps. Image-blind twins (`GuardConfig.blind_threshold`) live beside it, in `twins.py`.
 
 A check can also run apart: the token forward first, then the soft prompt over only the checking rows, on a
 copy of their cache rows (`DecodeBatch.side_forward`; a flagged row's soft columns are copied back).
