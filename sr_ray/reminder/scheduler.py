@@ -42,8 +42,8 @@ import torch
 from sr_ray.models.vlm import Prompt, PromptBatch
 from sr_ray.reminder.batch import DecodeBatch, Prefill
 from sr_ray.reminder.engine import GuardedGenerator, GuardedOutput, SamplingConfig, StepEvent, per_row
-from sr_ray.reminder.twins import needs_twin
 from sr_ray.reminder.guard import GuardConfig
+from sr_ray.reminder.twins import needs_twin
 
 
 @dataclass
