@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from sr_ray.data.typography import render
@@ -107,6 +108,15 @@ def normalise_image_bytes(data: bytes, limits: ImageLimits, formats: tuple[str, 
 def rendered_image_bytes(style: str, text: str, limits: ImageLimits) -> bytes:
     normalised, _ = _normalise(render(style, text), limits)
     return _encode(normalised, "PNG")
+
+
+def noise_image_bytes(seed: str, size: int = 336, max_noise: int = 64) -> bytes:
+    """A seeded random image: a flat gray level plus uniform noise of a random amplitude (<= max_noise / 255,
+    the universal PGD's budget), the kind of image an attacker starts from."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "little"))
+    level, amplitude = rng.integers(64, 193), rng.integers(0, max_noise + 1)
+    pixels = level + rng.integers(-amplitude, amplitude + 1, size=(size, size, 3))
+    return _encode(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), "PNG")
 
 
 def sha256_hex(data: bytes) -> str:

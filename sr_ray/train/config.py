@@ -34,10 +34,15 @@ class RecordSelection:
     train: int | None = None
     val: int | None = None
     attack: str | None = None  # rollouts only: "prefill" forces the answer to start with the harmful target
+    # rollouts only: "noise" asks with a seeded random-noise image in place of the row's own (an attacker's
+    # image need not be related; without such rows SAPT learns "an image, so safe")
+    image: str | None = None
 
     def __post_init__(self):
         if self.attack not in (None, "prefill"):
             raise ConfigError(f"selection {self.source}: attack must be null or prefill, got {self.attack!r}")
+        if self.image not in (None, "noise"):
+            raise ConfigError(f"selection {self.source}: image must be null or noise, got {self.image!r}")
 
     def cap(self, split: str) -> int | None:
         return getattr(self, split)

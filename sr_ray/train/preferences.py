@@ -53,7 +53,8 @@ def select_records(data_dir: str | Path, selections: list[RecordSelection], labe
             log.warning("selection %s/%s has no %s %s records in %s", sel.source, sel.variant or "*", label, split, data_dir)
         cap = sel.cap(split)
         if cap is not None and len(records) > cap:
-            records = random.Random(f"{seed}:{sel.source}:{sel.variant}:{split}:{label}").sample(records, cap)
+            key = f"{seed}:{sel.source}:{sel.variant}:{split}:{label}" + (f":{sel.image}" if sel.image else "")
+            records = random.Random(key).sample(records, cap)  # a noise-image selection draws its own rows
         chosen.extend(records)
     return chosen
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sr_ray.data.images import noise_image_bytes
 from sr_ray.data.prefill import prefill_text
 from sr_ray.train.config import OFFICIAL_REJECTED, RolloutConfig, to_dict
 from sr_ray.train.preferences import PREFERENCE_COLUMNS, select_records
@@ -29,8 +30,10 @@ def rollout_requests(cfg: RolloutConfig) -> pd.DataFrame:
             for sel in selections:
                 for r in select_records(cfg.path(cfg.data_dir, "data"), [sel], label, split, cfg.seed):
                     prefix = prefill_text(r.reference if r.source == "advbench" else None) if sel.attack == "prefill" else ""
-                    rows.append(dict(id=f"{r.id}+{sel.attack}" if sel.attack else r.id, source=r.source, split=split,
-                                     prompt=r.prompt, image=r.image, safe=label == "benign", answer_prefix=prefix))
+                    row_id = "+".join([r.id] + [tag for tag in (sel.attack, sel.image) if tag])
+                    image = noise_image_bytes(f"{cfg.seed}:{row_id}") if sel.image == "noise" else r.image
+                    rows.append(dict(id=row_id, source=r.source, split=split, prompt=r.prompt, image=image,
+                                     safe=label == "benign", answer_prefix=prefix))
     if not rows:
         raise ValueError(f"no records selected from {cfg.path(cfg.data_dir, 'data')} for splits {cfg.splits}")
     return pd.DataFrame(rows)
