@@ -118,6 +118,7 @@ class SaptConfig(StageConfig):
     # method (paper defaults)
     k: int = 4
     init_text: str = DEFAULT_INIT_TEXT
+    init_from: str | None = None  # warm start: a bundle (or soft_prompt) dir whose soft prompt SAPT continues from
     epochs: int = 50
     batch_size: int = 4  # global, split evenly across workers
     lr: float = 1e-4

@@ -44,6 +44,17 @@ def _all_gather(values: list) -> list:
     return [v for part in gathered for v in part]
 
 
+def warm_start(path: str, vlm, k: int):
+    """The soft prompt SAPT continues from: `path` is a bundle directory or a soft_prompt artifact directory."""
+    from sr_ray.reminder import SoftPrompt
+
+    directory = Path(path) / "soft_prompt" if (Path(path) / "soft_prompt").is_dir() else Path(path)
+    prompt = SoftPrompt.load(directory, vlm)  # refuses a prompt made for another base model
+    if prompt.k != k:
+        raise ValueError(f"init_from {path}: its soft prompt has k={prompt.k}, the config asks for k={k}")
+    return prompt
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     from ray.air.integrations.mlflow import setup_mlflow
@@ -69,7 +80,7 @@ def train_loop(config: dict) -> None:
     vlm = load_vlm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, device=str(device), **cfg.model_kwargs)
     frozen_sha = weights_sha256(vlm)
     probe = HarmProbe.load(config["probe_dir"], vlm)
-    soft_prompt = SoftPrompt.from_text(vlm, cfg.init_text, cfg.k)
+    soft_prompt = warm_start(cfg.init_from, vlm, cfg.k) if cfg.init_from else SoftPrompt.from_text(vlm, cfg.init_text, cfg.k)
     optimizer = torch.optim.AdamW(soft_prompt.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     train_rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["id"])
@@ -93,7 +104,7 @@ def train_loop(config: dict) -> None:
                           run_name=config["run_name"], rank_zero_only=True)
 
     def current_prompt() -> SoftPrompt:
-        return SoftPrompt(gathered_parameter(engine.module.embeddings), vlm.model_id, cfg.init_text).to(device)
+        return SoftPrompt(gathered_parameter(engine.module.embeddings), vlm.model_id, soft_prompt.init_text).to(device)
 
     def validate(prompt: SoftPrompt | None) -> dict:
         threshold = cfg.threshold

@@ -10,6 +10,7 @@ import random
 import re
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +96,10 @@ def run_sapt(cfg: SaptConfig) -> tuple[Path, str, str]:
     run_dir = out_dir / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_dir = cfg.path(cfg.probe, "probe/probe")
+    if cfg.init_from:  # absolute: Ray Train workers run in another directory
+        if not Path(cfg.init_from).exists():
+            raise FileNotFoundError(f"train.init_from {cfg.init_from}: no such bundle or soft prompt directory")
+        cfg = replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     probe = HarmProbe.load(probe_dir)  # fail early on a missing / tampered probe
     prefs, quarantined = load_preferences(cfg.train_data or [cfg.path(None, "rollout/rollout.parquet")])
     train, val = split_preferences(prefs, cfg)
