@@ -34,8 +34,8 @@ from sr_ray.serve.metrics import ServeMetrics
 from sr_ray.serve.model import Admission, GenerationJob
 from sr_ray.serve.policy import PolicyError, resolve_safety, sha256_hex
 from sr_ray.serve.protocol import (
-    ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Health,
-    ModelCard, ModelList, TextPart,
+    ERROR_RESPONSES, SSE_EVENT_SCHEMA, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+    Health, ModelCard, ModelList, TextPart,
 )
 
 logger = logging.getLogger("sr_ray.serve")
@@ -169,7 +169,7 @@ def create_api(cfg: ServeConfig, generate: Generate, retry_on: tuple[type[BaseEx
         return GenerationJob(Prompt(text, image, system), sampling, guard, stops, limits.max_prompt_tokens)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
                                                   "description": "the completion, or SSE chunks with stream=true"}})
     async def chat(body: ChatCompletionRequest, request: Request):
         call = Call(body, request, metrics, generate, retry_on, limits.request_timeout_s, cfg.reminder_version)

@@ -199,3 +199,9 @@ ERROR_RESPONSES = {
         504: "generation timed out",
     }.items()
 }
+
+# One event of the stream as SSE parses it (on OpenAPI 3.0/3.1 a text/event-stream `schema` describes each event):
+# `data` holds a chat.completion.chunk as JSON, an in-band error, or the closing "[DONE]".
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chat.completion.chunk or {error} as JSON, or [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}

@@ -221,6 +221,9 @@ def test_schemathesis_no_5xx_and_conforming_responses(live):
             case.call_and_validate(headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60, checks=checks)
 
         fuzz()
+    # A streamed answer is rare among the drawn cases; its SSE events are checked against the schema every run.
+    stream = schema["/v1/chat/completions"]["POST"].Case(body=chat(max_tokens=4, stream=True))
+    stream.call_and_validate(headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60, checks=checks)
 
 
 # ---- metrics and audit --------------------------------------------------------------------------
