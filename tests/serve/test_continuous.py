@@ -62,7 +62,9 @@ def test_a_full_replica_queue_answers_503_with_retry_after(live):
                                                        timeout=120), range(12)))
     codes = sorted(r.status_code for r in responses)
     busy = [r for r in responses if r.status_code == 503]
-    assert set(codes) <= {200, 503} and codes.count(200) >= 3 and busy, codes  # 2 running + 1 queued at least
+    # The 2 running rows always finish; the 1 queued slot is Ray Serve's best-effort, per-caller limit, so under
+    # load the queued request may be refused too (CI at 6156b2e: 2 x 200, 10 x 503).
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and busy, codes
     for r in busy:
         assert r.headers["retry-after"].isdigit() and int(r.headers["retry-after"]) >= 1
         assert "capacity" in r.json()["error"]["message"]
