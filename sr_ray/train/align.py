@@ -7,8 +7,10 @@ the model's own greedy answer (self-distillation, so benign behaviour stays put)
 answer is trained, so a jailbreak that gets past the first tokens (a prefilled "Sure, here is ...", an
 inlined typographic instruction) still breaks it: the phenomenon the reminder exists for.
 
-Data: the `refusal_direction` train splits only, with every harmful instruction that also occurs (after
-normalisation) in any evaluation source (AdvBench, JailBreakV, MM-SafetyBench, FigStep, VLSafe) removed.
+Data: the `refusal_direction` train splits only, with every instruction that is an item of any evaluation source
+(AdvBench, JailBreakV, MM-SafetyBench, FigStep, VLSafe) or of refusal_direction's other splits removed (the rule of
+`sr_ray/data/overlap.py`: equal, or holding one another as a long run of words; the shipped adapter of 8f268e4 was
+made under equality alone, and 1 of its 142 harmful rows rewords a harmful test item).
 The adapter (PEFT safetensors + JSON) and `alignment.json` (checksums, data ids, command, commit) ship in
 `sr_ray/models/adapters/`; `sr_ray.models.smol_llava` merges it into the default model.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sr_ray.data.overlap import normalise
+from sr_ray.data.overlap import HeldOut, normalise
 from sr_ray.models.smol_llava import CHAT_TEMPLATE, LM_DIR_NAME, default_cache_dir, smollm2_dir
 
 EVAL_SOURCES = ("advbench", "jailbreakv", "mmsafetybench", "figstep", "vlsafe")
@@ -77,10 +79,11 @@ def alignment_data(data_dir: Path, harmless: int, seed: int) -> tuple[list[dict]
             evaluated.update(normalise(t) for t in (r.get("prompt"), r.get("original_question")) if t)
     # The other splits of refusal_direction are evaluation data too (harmless test, probe val).
     evaluated.update(normalise(r["prompt"]) for r in rows if r["split"] != "train")
+    held_out = HeldOut(evaluated)
     harmful_all = [r for r in rows if r["split"] == "train" and r["label"] == "harmful"]
-    harmful = [r for r in harmful_all if normalise(r["prompt"]) not in evaluated]
+    harmful = [r for r in harmful_all if normalise(r["prompt"]) not in held_out]
     benign_all = [r for r in rows if r["split"] == "train" and r["label"] == "benign"
-                  and normalise(r["prompt"]) not in evaluated]
+                  and normalise(r["prompt"]) not in held_out]
     benign = random.Random(f"{seed}:harmless").sample(benign_all, min(harmless, len(benign_all)))
     provenance = dict(
         sources_checked=present, harmful_train=len(harmful_all), harmful_removed_as_evaluation=len(harmful_all) - len(harmful),

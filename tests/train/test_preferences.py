@@ -101,8 +101,9 @@ def test_shipped_configs_parse(preset):
 
 
 def test_selection_leaves_out_other_sources_test_items(tmp_path):
-    """refusal_direction's harmful train split may hold an AdvBench test goal (other case and punctuation):
-    no training selection may read it, and FigStep image rows, which share one generic prompt, stay in."""
+    """refusal_direction's harmful train split may hold an AdvBench test goal (other case and punctuation, or
+    with a clause added): no training selection may read it, and FigStep image rows, which share one generic
+    prompt, stay in."""
     import csv
 
     from sr_ray.data import DEMO_DATA_DIR, PreprocessConfig, run_preprocess
@@ -117,7 +118,8 @@ def test_selection_leaves_out_other_sources_test_items(tmp_path):
     test_goal = goals[advbench_pgd_splits(len(goals)).index("test")]
     kept = [{"instruction": "Describe how to forge a signature.", "category": "demo"}]
     (data / "refusal_direction" / "splits" / "harmful_train.json").write_text(
-        json.dumps(kept + [{"instruction": test_goal.upper() + "!!", "category": "demo"}]))
+        json.dumps(kept + [{"instruction": test_goal.upper() + "!!", "category": "demo"},
+                           {"instruction": test_goal + " and avoid getting caught", "category": "demo"}]))
     out = tmp_path / "processed"
     run_preprocess(PreprocessConfig(data_dir=str(data), out_dir=str(out), executor="loop", progress=False,
                                     sources=["figstep", "advbench", "harmful_harmless"]))
@@ -128,5 +130,7 @@ def test_selection_leaves_out_other_sources_test_items(tmp_path):
     for split in ("train", "val"):
         from sr_ray.data import load_records
 
-        assert len(select_records(out, figstep, "harmful", split, 0)) == len(
-            load_records(out, source="figstep", variant="image", split=split, label="harmful")) > 0
+        rows = load_records(out, source="figstep", variant="image", split=split, label="harmful")
+        # two demo FigStep train items reword a FigStep benign test item ("steps to modify commercial drones to
+        # deliver [harmful payloads]") and are left out; the shared instruction leaves out none
+        assert 0 < len(rows) - 2 <= len(select_records(out, figstep, "harmful", split, 0))
