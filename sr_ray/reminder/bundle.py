@@ -27,7 +27,7 @@ class ReminderBundle:
     interval: int = PAPER_INTERVAL
     threshold: float = PAPER_THRESHOLD  # calibrated by SAPT when configured; wins over the probe's
     data_checksum: str = ""
-    blind_threshold: float | None = None  # the image-blind check it carries (calibrated by `sr-ray robust blind`)
+    blind_threshold: float | None = None  # the image-blind check it carries (calibrated by `sr-ray calibrate-blind`)
 
     def guard_config(self, **overrides) -> GuardConfig:
         """The guard this bundle was trained for (and the defenses it carries), each given (not None) override applied."""

@@ -11,6 +11,12 @@ answers (prefill attack, typography) are measured and recorded, for the blind ch
 own check. Only val rows are read, and none whose item is any source's test item; the output is a new bundle
 directory (the parts copied, so their checksums hold) with `blind_threshold` in `bundle.json` and the
 calibration in `blind.json`.
+
+With `own_flag_rate` set, the bundle's own threshold is calibrated first, on the same answers: the largest in
+`threshold_range` at which its check flags at most that share of them (SAPT calibrates it at epoch ends with no
+flag allowed, on a batch's worth of val answers). It chooses the operating point after training, from a stated
+benign budget: a benign answer that is not flagged is returned untouched, so the share flagged bounds the share
+changed.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class BlindConfig:
         {"source": "mmsafetybench", "variant": "text", "attack": "prefill"},
     ])
     benign_flag_rate: float = 0.0  # benign val answers the blind check may flag beyond the bundle's own check
+    own_flag_rate: float | None = None  # recalibrate the bundle's own threshold at this benign budget; None keeps it
     threshold_range: tuple[float, float] = (0.0, 0.5)
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -94,8 +101,11 @@ def run_calibrate_blind(cfg: BlindConfig) -> dict:
         raise SystemExit(f"{cfg.processed_dir}: no benign val rows (harmful_harmless or mmvet) to calibrate on")
     benign = _readings(gen, bundle, benign_prompts, cfg, "benign val")
     harmful = _readings(gen, bundle, harmful_prompts, cfg, "jailbroken val")
-    left_alone = [min(b) for p, b in benign if min(p) >= bundle.threshold]
     lo, hi = cfg.threshold_range
+    trained_threshold = bundle.threshold
+    if cfg.own_flag_rate is not None:
+        bundle.threshold = calibrated_threshold([min(p) for p, _ in benign], cfg.own_flag_rate, lo, hi)
+    left_alone = [min(b) for p, b in benign if min(p) >= bundle.threshold]
     threshold = calibrated_threshold(left_alone, cfg.benign_flag_rate, lo, min(hi, bundle.threshold))
 
     def rates(rows):
@@ -104,7 +114,8 @@ def run_calibrate_blind(cfg: BlindConfig) -> dict:
         n = max(1, len(rows))
         return dict(n=len(rows), own=sum(own) / n, blind=sum(blind) / n, either=sum(a or b for a, b in zip(own, blind)) / n)
 
-    result = dict(blind_threshold=threshold, bundle_threshold=bundle.threshold, benign=rates(benign),
+    result = dict(blind_threshold=threshold, bundle_threshold=bundle.threshold, trained_threshold=trained_threshold,
+                  benign=rates(benign),
                   harmful=rates(harmful), config=asdict(cfg))
     out = Path(cfg.out)
     if out.resolve() != Path(cfg.bundle).resolve():

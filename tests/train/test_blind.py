@@ -62,3 +62,20 @@ def original_threshold(directory) -> float:
 def test_calibration_needs_its_inputs(tiny_bundle, tmp_path):
     with pytest.raises(SystemExit, match="--processed-dir"):
         run_calibrate_blind(BlindConfig(bundle=str(tiny_bundle), out=str(tmp_path / "x")))
+
+
+def test_a_benign_budget_recalibrates_the_bundles_own_threshold_on_the_same_answers(tiny_bundle, val_dir, tmp_path):
+    out = tmp_path / "recalibrated"
+    cfg = BlindConfig(bundle=str(tiny_bundle), processed_dir=str(val_dir), out=str(out), model="tiny-llava",
+                      benign=6, harmful=4, max_new_tokens=10, batch_size=4, own_flag_rate=0.5, threshold_range=(0.0, 1.0))
+    result = run_calibrate_blind(cfg)
+    vlm = load_vlm("tiny-llava")
+    bundle = ReminderBundle.load(out, vlm)
+    assert result["trained_threshold"] == original_threshold(tiny_bundle) != bundle.threshold == result["bundle_threshold"]
+    assert result["benign"]["own"] <= 0.5 and result["blind_threshold"] <= bundle.threshold
+    # the largest such threshold: its check flags at most 3 of the 6 answers, and a hair above it more than 3
+    benign, _ = val_prompts(cfg)
+    gen = GuardedGenerator(vlm, bundle.soft_prompt, bundle.probe)
+    lowest = sorted(min(c.p_safe for c in o.checks) for o in gen.generate(
+        benign, SamplingConfig(max_new_tokens=10), bundle.guard_config(threshold=1e-12, blind_threshold=0.0)))
+    assert sum(p < bundle.threshold for p in lowest) <= 3 < sum(p < bundle.threshold + 1e-3 for p in lowest)
