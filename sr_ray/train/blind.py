@@ -13,8 +13,8 @@ directory (the parts copied, so their checksums hold) with `blind_threshold` in 
 calibration in `blind.json`.
 
 With `own_flag_rate` set, the bundle's own threshold is calibrated first, on the same answers: the largest in
-`threshold_range` at which its check flags at most that share of them (SAPT calibrates it at epoch ends with no
-flag allowed, on a batch's worth of val answers). It chooses the operating point after training, from a stated
+`threshold_range` at which its check flags at most that share of them (SAPT calibrates it at epoch ends, at its
+own `calibrate_benign_flag_rate`; the shipped preset allows no flag). It chooses the operating point after training, from a stated
 benign budget: a benign answer that is not flagged is returned untouched, so the share flagged bounds the share
 changed.
 """
@@ -115,8 +115,7 @@ def run_calibrate_blind(cfg: BlindConfig) -> dict:
         return dict(n=len(rows), own=sum(own) / n, blind=sum(blind) / n, either=sum(a or b for a, b in zip(own, blind)) / n)
 
     result = dict(blind_threshold=threshold, bundle_threshold=bundle.threshold, trained_threshold=trained_threshold,
-                  benign=rates(benign),
-                  harmful=rates(harmful), config=asdict(cfg))
+                  benign=rates(benign), harmful=rates(harmful), config=asdict(cfg))
     out = Path(cfg.out)
     if out.resolve() != Path(cfg.bundle).resolve():
         shutil.copytree(cfg.bundle, out, dirs_exist_ok=True)
