@@ -28,11 +28,13 @@ class ReminderBundle:
     threshold: float = PAPER_THRESHOLD  # calibrated by SAPT when configured; wins over the probe's
     data_checksum: str = ""
     blind_threshold: float | None = None  # the image-blind check it carries (calibrated by `sr-ray calibrate-blind`)
+    reminder_no_repeat_ngram: int | None = None  # GuardConfig's: how its flagged continuations are decoded
 
     def guard_config(self, **overrides) -> GuardConfig:
         """The guard this bundle was trained for (and the defenses it carries), each given (not None) override applied."""
         return GuardConfig(interval=self.interval, threshold=self.threshold,
-                           blind_threshold=self.blind_threshold).override(**overrides)
+                           blind_threshold=self.blind_threshold,
+                           reminder_no_repeat_ngram=self.reminder_no_repeat_ngram).override(**overrides)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -40,7 +42,8 @@ class ReminderBundle:
         self.probe.save(directory / "probe")
         part_sha = {p: json.loads((directory / p / META).read_text())["sha256"] for p in ("soft_prompt", "probe")}
         info = dict(base_model_id=self.base_model_id, interval=self.interval, threshold=self.threshold,
-                    data_checksum=self.data_checksum, blind_threshold=self.blind_threshold, parts=part_sha, k=self.soft_prompt.k,
+                    data_checksum=self.data_checksum, blind_threshold=self.blind_threshold,
+                    reminder_no_repeat_ngram=self.reminder_no_repeat_ngram, parts=part_sha, k=self.soft_prompt.k,
                     hidden_size=self.soft_prompt.hidden_size)
         (directory / BUNDLE_JSON).write_text(json.dumps(info, indent=2, sort_keys=True))
         return directory
@@ -57,4 +60,4 @@ class ReminderBundle:
         soft_prompt = SoftPrompt.load(directory / "soft_prompt", vlm)
         probe = HarmProbe.load(directory / "probe", vlm)
         return cls(soft_prompt, probe, info["base_model_id"], info["interval"], info["threshold"],
-                   info.get("data_checksum", ""), info.get("blind_threshold"))
+                   info.get("data_checksum", ""), info.get("blind_threshold"), info.get("reminder_no_repeat_ngram"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
+from transformers import NoRepeatNGramLogitsProcessor
 
 from sr_ray.models.vlm import VLM, Embedded, Prompt
 from sr_ray.reminder.batch import DecodeBatch, Prefill
@@ -193,6 +194,11 @@ class GuardedGenerator:
     # ---- internals -------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        for b, row in enumerate(rows):
+            n = row.guard.reminder_no_repeat_ngram if row.guard is not None else None
+            if n and row.flagged_at is not None and not row.done:
+                continuation = torch.tensor([row.answer[row.flagged_at:]], device=logits.device)
+                logits[b] = NoRepeatNGramLogitsProcessor(n)(continuation, logits[b : b + 1])[0]
         tokens = logits.argmax(-1).tolist()
         for b, row in enumerate(rows):
             s = row.sampling

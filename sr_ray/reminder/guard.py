@@ -35,6 +35,9 @@ class GuardConfig:
     # The image-blind check (a robust option, docs/robustness.md): each check also reads the answer as a text-only
     # twin (the prompt without its image) and flags when that reading's P(safe) < blind_threshold. None: off.
     blind_threshold: float | None = None
+    # After a flag (in place), the continuation may not repeat an n-gram of its own tokens (HF's
+    # NoRepeatNGramLogitsProcessor): a small model's refusal otherwise loops a sentence to the budget. None: off.
+    reminder_no_repeat_ngram: int | None = None
 
     def override(self, **settings) -> GuardConfig:
         """A copy with each setting that is given (not None) replacing this config's value."""

@@ -55,6 +55,7 @@ class BlindConfig:
     ])
     benign_flag_rate: float = 0.0  # benign val answers the blind check may flag beyond the bundle's own check
     own_flag_rate: float | None = None  # recalibrate the bundle's own threshold at this benign budget; None keeps it
+    reminder_no_repeat_ngram: int | None = None  # written into the bundle (GuardConfig's); None keeps the bundle's
     threshold_range: tuple[float, float] = (0.0, 0.5)
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -120,6 +121,8 @@ def run_calibrate_blind(cfg: BlindConfig) -> dict:
     if out.resolve() != Path(cfg.bundle).resolve():
         shutil.copytree(cfg.bundle, out, dirs_exist_ok=True)
     bundle.blind_threshold = threshold
+    if cfg.reminder_no_repeat_ngram is not None:
+        bundle.reminder_no_repeat_ngram = cfg.reminder_no_repeat_ngram
     bundle.save(out)
     (out / "blind.json").write_text(json.dumps(result, indent=2))
     return result

@@ -191,3 +191,25 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(tiny_vlm):
 def test_guard_without_artifacts_is_refused(tiny_vlm):
     with pytest.raises(ValueError, match="soft prompt and a probe"):
         GuardedGenerator(tiny_vlm).generate(prompts(1))
+
+
+def _repeats(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i: i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_bans_only_the_continuations_repeats(tiny_vlm):
+    """`reminder_no_repeat_ngram`: after a flag the continuation never repeats an n-gram of itself; up to its
+    first would-be repeat it is the plain continuation, and the answer before the flag and unflagged rows stay."""
+    ps, n = prompts(3), 2
+    loose = run(tiny_vlm, ps, ScriptedProbe(tiny_vlm.hidden_size, at=1, rows=(0, 2)), reminder_max_new_tokens=20)
+    banned = run(tiny_vlm, ps, ScriptedProbe(tiny_vlm.hidden_size, at=1, rows=(0, 2)), reminder_max_new_tokens=20,
+                 reminder_no_repeat_ngram=n)
+    assert any(_repeats(loose[r].continuation_ids, n) for r in (0, 2))  # a random tiny model loops
+    for r in (0, 2):
+        a, b = loose[r].continuation_ids, banned[r].continuation_ids
+        assert banned[r].flagged_at == 8 and banned[r].prefix_ids == loose[r].prefix_ids
+        assert b and not _repeats(b, n)
+        first = next((i for i in range(n, len(a) + 1) if _repeats(a[:i], n)), len(a) + 1) - 1
+        assert b[:first] == a[:first]
+    assert (banned[1].prefix_ids, banned[1].continuation_ids) == (loose[1].prefix_ids, []) and not banned[1].flagged

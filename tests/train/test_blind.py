@@ -67,10 +67,13 @@ def test_calibration_needs_its_inputs(tiny_bundle, tmp_path):
 def test_a_benign_budget_recalibrates_the_bundles_own_threshold_on_the_same_answers(tiny_bundle, val_dir, tmp_path):
     out = tmp_path / "recalibrated"
     cfg = BlindConfig(bundle=str(tiny_bundle), processed_dir=str(val_dir), out=str(out), model="tiny-llava",
-                      benign=6, harmful=4, max_new_tokens=10, batch_size=4, own_flag_rate=0.5, threshold_range=(0.0, 1.0))
+                      benign=6, harmful=4, max_new_tokens=10, batch_size=4, own_flag_rate=0.5, threshold_range=(0.0, 1.0),
+                      reminder_no_repeat_ngram=3)
     result = run_calibrate_blind(cfg)
     vlm = load_vlm("tiny-llava")
     bundle = ReminderBundle.load(out, vlm)
+    assert bundle.guard_config().reminder_no_repeat_ngram == 3  # how its flags continue travels with it
+    assert ReminderBundle.load(tiny_bundle, vlm).reminder_no_repeat_ngram is None
     assert result["trained_threshold"] == original_threshold(tiny_bundle) != bundle.threshold == result["bundle_threshold"]
     assert result["benign"]["own"] <= 0.5 and result["blind_threshold"] <= bundle.threshold
     # the largest such threshold: its check flags at most 3 of the 6 answers, and a hair above it more than 3
