@@ -16,7 +16,8 @@ With `own_flag_rate` set, the bundle's own threshold is calibrated first, on the
 `threshold_range` at which its check flags at most that share of them (SAPT calibrates it at epoch ends, at its
 own `calibrate_benign_flag_rate`; the shipped preset allows no flag). It chooses the operating point after training, from a stated
 benign budget: a benign answer that is not flagged is returned untouched, so the share flagged bounds the share
-changed.
+changed. `reminder_no_repeat_ngram` set is written into the new bundle as how its flagged continuations decode
+(`GuardConfig`); it changes no reading, so the calibration is the same with or without it.
 """
 
 from __future__ import annotations
